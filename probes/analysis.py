@@ -234,9 +234,11 @@ class AnalysisResult:
             tau = "-" if g["mean_tau"] is None else f"{g['mean_tau']:.3f} ± {g['tau_se'] or 0:.3f}"
             p = "-" if g["p_value"] is None else f"{g['p_value']:.4g}"
             in_order = "-" if g["frac_in_order"] is None else f"{100 * g['frac_in_order']:.1f}%"
+            null = "-" if g["null_mean_tau"] is None else f"{g['null_mean_tau']:.3f}"
             out += [(f"{group}: mean s_1..s_{self.top_k}", mean_s),
                     (f"{group}: scored positions (m >= 3)", g["n_scored"]),
                     (f"{group}: mean strict tau ± s.e.", tau),
+                    (f"{group}: mean tau under shuffles (ties make it < 0)", null),
                     (f"{group}: permutation p ({g['n_permutations']} shuffles)", p),
                     (f"{group}: fully in order", in_order)]
         return out
@@ -386,6 +388,43 @@ def _lens_table(lens: LogitLens, resid: torch.Tensor, targets: torch.Tensor, win
     return pd.DataFrame(records, columns=["window", "layer", "position", "k", "rank"])
 
 
+@dataclass
+class BatchSaturation:
+    """The engine's output for one batch (text positions only, flattened in batch order).
+
+    Attributes:
+        resid: Residual stream after every block ``[layer, n, d_model]``.
+        logits: The model's final logits ``[n, d_vocab]``.
+        targets: ``y_1..y_K`` ``[n, K]``.
+        s: Saturation layers ``[n, K]``.
+        forward_s: Seconds in the forward pass.
+        saturation_s: Seconds in the saturation engine.
+    """
+
+    resid: torch.Tensor
+    logits: torch.Tensor
+    targets: torch.Tensor
+    s: torch.Tensor
+    forward_s: float
+    saturation_s: float
+
+
+def saturation_batch(bridge: torch.nn.Module, lens: LogitLens, batch: Batch, top_k: int
+                     ) -> BatchSaturation:
+    """Run the model on one batch and find ``s_1..s_K`` of its text positions."""
+    t0 = time.perf_counter()
+    logits, resid = run_residuals(bridge, batch.tokens)
+    mask = batch.valid_mask().to(resid.device)
+    flat_resid = resid[:, mask]
+    flat_logits = logits[mask]
+    del logits, resid
+    targets = targets_from_logits(flat_logits, top_k)
+    t1 = time.perf_counter()
+    s = saturation_layers(lens, flat_resid, targets)
+    return BatchSaturation(flat_resid, flat_logits, targets, s, t1 - t0,
+                           time.perf_counter() - t1)
+
+
 def _run_engine(
     model: LoadedModel, windows: list[Window], options: AnalysisOptions, shards: _Shards,
     bos: int | None, progress: bool,
@@ -410,17 +449,10 @@ def _run_engine(
                 resumed += 1
                 bar.update(batch.n_positions)
                 continue
-            t0 = time.perf_counter()
-            logits, resid = run_residuals(model.bridge, batch.tokens)
-            mask = batch.valid_mask().to(resid.device)
-            flat_resid = resid[:, mask]
-            flat_logits = logits[mask]
-            targets = targets_from_logits(flat_logits, options.top_k)
-            t1 = time.perf_counter()
-            s = saturation_layers(lens, flat_resid, targets)
-            t2 = time.perf_counter()
-            timing["forward_s"] += t1 - t0
-            timing["saturation_s"] += t2 - t1
+            done = saturation_batch(model.bridge, lens, batch, options.top_k)
+            flat_resid, flat_logits, targets, s = done.resid, done.logits, done.targets, done.s
+            timing["forward_s"] += done.forward_s
+            timing["saturation_s"] += done.saturation_s
             if lens_check is None:
                 lens_check = lens_error_at_last_layer(lens, flat_resid[-1][:256],
                                                       flat_logits[:256])
@@ -443,7 +475,7 @@ def _run_engine(
             shards.save(index, frame)
             frames.append(frame)
             bar.update(batch.n_positions)
-            del logits, resid, flat_resid, flat_logits
+            del done, flat_resid, flat_logits
     finally:
         bar.close()
     if lens_frame is None and shards.stage is not None and (shards.stage / "lens_window.csv"
@@ -483,7 +515,9 @@ def analyze(
         device: Where to load a model given by spec.
         dtype: dtype of a model given by spec.
         progress: Show a progress bar.
-        **options: Fields of :class:`AnalysisOptions` (``max_tokens``, ``top_k``, ...).
+        **options: Fields of :class:`AnalysisOptions` (``max_tokens``, ``top_k``, ...), and
+            for masked, vision and encoder-decoder models those of
+            :class:`probes.arch_analysis.InputOptions` (``images``, ``mlm_positions``...).
 
     Returns:
         An :class:`AnalysisResult`.
@@ -491,6 +525,9 @@ def analyze(
     Raises:
         TopkSaturationError: Any bad input, with a one-line message.
     """
+    from probes import arch_analysis
+
+    options, inputs = arch_analysis.split_options(options)
     unknown = set(options) - set(AnalysisOptions.__dataclass_fields__)
     if unknown:
         raise InvalidOptionError(f"unknown analysis option(s): {', '.join(sorted(unknown))}")
@@ -502,12 +539,18 @@ def analyze(
         text = "<literal text>"
     opts = AnalysisOptions(text=text, **options)
     opts.validate()
+    inputs.validate()
     if out is not None:
         check_output_target(Path(out))
     t_start = time.perf_counter()
     if isinstance(model, str):
         model = load_model(model, device=device, dtype=dtype)
     load_s = time.perf_counter() - t_start
+    if arch_analysis.model_kind(model) != "causal":
+        # Masked LMs, image classifiers and encoder-decoders: their own inputs and readouts.
+        return arch_analysis.analyze_other(model, opts, inputs, literal_docs,
+                                           None if out is None else Path(out), progress,
+                                           t_start, load_s)
     info = model.info
     if opts.top_k > info.d_vocab:
         raise InvalidOptionError(

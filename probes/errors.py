@@ -48,3 +48,7 @@ class ProbeError(TopkSaturationError):
 
 class UnsupportedArchitectureError(TopkSaturationError):
     """A model whose architecture the logit lens cannot read."""
+
+
+class ImageSourceError(TopkSaturationError):
+    """An image source that is unknown, missing, empty or unreadable."""

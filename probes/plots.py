@@ -171,3 +171,98 @@ def report_html(title: str, sections: Sequence[tuple[str, str | go.Figure]]) -> 
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
             f"</title><style>{style}</style></head><body><h1>{html.escape(title)}</h1>"
             + "\n".join(parts) + "</body></html>")
+
+
+# ---------------------------------------------------------------------------- task probes
+
+PROBE_COLORS = {"probe": "#636EFA", "layer_only": "#EF553B", "shuffled": "#AAAAAA",
+                "random_embeddings": "#00CC96", "leaky_kfold": "#AB63FA",
+                "per_layer_probes": "#FFA15A"}
+PROBE_NAMES = {"probe": "probe (grouped CV)", "layer_only": "layer index only",
+               "shuffled": "shuffled labels", "random_embeddings": "random embeddings",
+               "leaky_kfold": "probe, leaky KFold", "per_layer_probes": "per-layer probes"}
+
+
+def probe_scores_figure(metrics: dict[str, Any]) -> go.Figure:
+    """Balanced accuracy (± s.e. over folds) of the probe and each control, with chance.
+
+    Example:
+        >>> m = {"balanced_accuracy": 0.6, "balanced_accuracy_se": 0.02, "chance": 0.2,
+        ...      "controls": {"layer_only": {"balanced_accuracy": 0.5,
+        ...                                  "balanced_accuracy_se": 0.01}}}
+        >>> len(probe_scores_figure(m).data[0].x)
+        2
+    """
+    names = ["probe", *metrics["controls"]]
+    rows = [metrics, *metrics["controls"].values()]
+    fig = go.Figure(go.Bar(
+        x=[PROBE_NAMES.get(n, n) for n in names],
+        y=[r["balanced_accuracy"] for r in rows],
+        error_y={"type": "data", "array": [r.get("balanced_accuracy_se") or 0 for r in rows]},
+        marker_color=[PROBE_COLORS.get(n, "#888") for n in names],
+        text=[f"{r['balanced_accuracy']:.3f}" if r["balanced_accuracy"] is not None else "-"
+              for r in rows], textposition="outside",
+    ))
+    fig.add_hline(y=metrics["chance"], line_dash="dot", annotation_text="chance 1/K")
+    fig.update_layout(title="Balanced accuracy (mean ± s.e. over folds)",
+                      yaxis_title="balanced accuracy", yaxis_range=[0, 1.05],
+                      template="plotly_white")
+    return fig
+
+
+def probe_layer_accuracy_figure(metrics: dict[str, Any], balanced: bool = False) -> go.Figure:
+    """Out-of-fold accuracy among the states of each layer: the probe, and the controls as
+    lines (and the per-layer probes where they were trained). ``balanced=True`` draws the
+    balanced accuracy over the tasks present at each layer instead.
+
+    Example:
+        >>> m = {"per_layer_accuracy": {"5": 0.9, "6": 0.8},
+        ...      "controls": {"layer_only": {"per_layer_accuracy": {"5": 0.9, "6": 0.7}}}}
+        >>> [t.name for t in probe_layer_accuracy_figure(m).data]
+        ['probe (grouped CV)', 'layer index only']
+    """
+    fig = go.Figure()
+    key = "per_layer_balanced_accuracy" if balanced else "per_layer_accuracy"
+    series = {"probe": metrics.get(key) or {}}
+    series.update({name: c[key] for name, c in metrics["controls"].items() if c.get(key)})
+    per_layer = metrics.get("per_layer_probes") or {}
+    if per_layer:
+        series["per_layer_probes"] = {
+            k: v.get("balanced_accuracy" if balanced else "accuracy")
+            for k, v in per_layer.items()}
+    for name, values in series.items():
+        layers = sorted(values, key=int)
+        fig.add_trace(go.Scatter(
+            x=[int(v) for v in layers], y=[values[v] for v in layers], mode="lines+markers",
+            name=PROBE_NAMES.get(name, name),
+            line={"color": PROBE_COLORS.get(name), "width": 3 if name == "probe" else 1.5,
+                  "dash": "dot" if name in ("shuffled", "leaky_kfold") else "solid"},
+        ))
+    what = "Balanced accuracy" if balanced else "Accuracy"
+    fig.update_layout(title=f"{what} per layer (out of fold)", xaxis_title="layer (0-based)",
+                      yaxis_title=f"{what.lower()} among the states of the layer",
+                      yaxis_range=[0, 1.02], template="plotly_white")
+    return fig
+
+
+def probe_confusion_figure(confusion: dict[str, Any]) -> go.Figure:
+    """Confusion matrix heatmap: rows are true tasks, columns predicted ones; colour is the
+    share of the true task's states, the text their count.
+
+    Example:
+        >>> fig = probe_confusion_figure({"labels": [1, 2], "counts": [[8, 2], [1, 9]]})
+        >>> fig.data[0].z.tolist()
+        [[0.8, 0.2], [0.1, 0.9]]
+    """
+    counts = np.asarray(confusion["counts"], dtype=float)
+    totals = counts.sum(axis=1, keepdims=True)
+    shares = np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
+    labels = [f"task {t}" for t in confusion["labels"]]
+    fig = go.Figure(go.Heatmap(
+        z=shares, x=labels, y=labels, text=counts.astype(int), texttemplate="%{text}",
+        colorscale="Blues", zmin=0, zmax=1, colorbar={"title": "share of row"},
+        hovertemplate="true %{y}<br>predicted %{x}<br>%{text} states<extra></extra>",
+    ))
+    fig.update_layout(title="Confusion matrix (rows: true task)", xaxis_title="predicted",
+                      yaxis_title="true", yaxis_autorange="reversed", template="plotly_white")
+    return fig

@@ -18,7 +18,7 @@ Example:
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,7 +120,7 @@ def run_residuals(
     names = [resid_hook_name(layer) for layer in layers]
     store: list[Tensor | None] = [None] * len(names)
 
-    def keeper(slot: int):
+    def keeper(slot: int) -> Callable[[Tensor, object], None]:
         def keep(activation: Tensor, hook: object) -> None:
             # The bridge may name the point by an alias (blocks.l.hook_out), so the slot is
             # bound here rather than looked up by hook.name.
