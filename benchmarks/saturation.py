@@ -2,7 +2,9 @@
 
 Variants, measured in one process, each repeated (median of ``--repeats`` runs):
 
-- ``forward``: the model's forward pass with the residual hooks the engine needs;
+- ``forward``: the model's plain forward pass (all logits) with the residual hooks the
+  engine needs; ``forward_last``: the same asking the model for the last position's logits
+  only, as the engine does (it reads the targets through the lens instead);
 - ``engine``: topk-saturation's engine (forward + backward-walk saturation with the exact,
   bfloat16-screened top-k lens);
 - ``builtin``: transformer-lens's ``tools.analysis.logit_lens`` asked for the top-K ids of
@@ -11,7 +13,8 @@ Variants, measured in one process, each repeated (median of ``--repeats`` runs):
 - ``naive``: cache every block's ``hook_resid_post``, decode each layer over the full
   vocabulary with the final norm and unembedding, rank by a full ``argsort``.
 
-It prints wall time and peak memory (RSS above the loaded model, sampled every 2 ms) of each,
+It prints wall time and peak memory (RSS above the loaded model: the kernel's high-water
+mark, reset before each run, with freed memory returned to the system between runs) of each,
 the ratios engine/forward and naive/engine, checks that the engine gives the same ``s_k`` as
 the naive recipe (explaining any difference by exact ties in the logits), and measures how
 the engine scales from ``--tokens`` to ``--scale-tokens`` (peak memory and time per token).
@@ -45,25 +48,70 @@ from probes.analysis import library_versions, saturation_batch  # noqa: E402
 from probes.corpus import Window, make_windows, read_text  # noqa: E402
 from probes.lens import LogitLens  # noqa: E402
 from probes.models import LoadedModel, load_model  # noqa: E402
-from probes.residuals import iter_batches, resid_hook_name, run_residuals  # noqa: E402
+from probes.residuals import (  # noqa: E402
+    iter_batches,
+    release_freed_memory,
+    resid_hook_name,
+    run_residuals,
+)
 from probes.saturation import saturation_from_matches, targets_from_logits  # noqa: E402
 
 
+def settled_rss() -> int:
+    """Resident memory after freeing what can be freed (the baseline of a measurement)."""
+    gc.collect()
+    release_freed_memory()
+    return psutil.Process().memory_info().rss
+
+
+#: RSS with the model loaded and nothing else alive: every peak is measured above it.
+MODEL_BASE: list[int] = []
+
+
+def _high_water_mark() -> int | None:
+    """The kernel's peak RSS of this process (VmHWM), in bytes; None where unavailable."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _reset_high_water_mark() -> bool:
+    """Reset VmHWM to the current RSS (Linux: ``5 > /proc/self/clear_refs``)."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
 class PeakRSS:
-    """Peak resident memory of this process while a block runs, sampled in a thread."""
+    """Peak resident memory above the loaded model while a block runs.
+
+    On Linux the kernel's own high-water mark is reset before the block and read after it,
+    so no short-lived peak is missed; elsewhere RSS is sampled every ``interval`` seconds.
+    """
 
     def __init__(self, interval: float = 0.002) -> None:
         self.process = psutil.Process()
         self.interval = interval
         self.peak = 0
         self._stop = threading.Event()
+        self._kernel = False
 
     def __enter__(self) -> PeakRSS:
-        gc.collect()
-        self.base = self.process.memory_info().rss
-        self.peak = self.base
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        now = settled_rss()
+        self.base = MODEL_BASE[0] if MODEL_BASE else now
+        self.peak = now
+        self._kernel = _reset_high_water_mark() and _high_water_mark() is not None
+        if not self._kernel:
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
         return self
 
     def _run(self) -> None:
@@ -72,6 +120,9 @@ class PeakRSS:
             time.sleep(self.interval)
 
     def __exit__(self, *exc: object) -> None:
+        if self._kernel:
+            self.peak = max(self.peak, _high_water_mark() or 0)
+            return
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, self.process.memory_info().rss)
@@ -99,9 +150,11 @@ def measure(fn: Callable[[], Any], repeats: int) -> tuple[Any, dict[str, Any]]:
 # --------------------------------------------------------------------------- variants
 
 
-def run_forward(model: LoadedModel, windows: list[Window], batch_tokens: int) -> None:
+def run_forward(model: LoadedModel, windows: list[Window], batch_tokens: int,
+                last_logits_only: bool = False) -> None:
     for batch in iter_batches(windows, model.info.bos_token_id, batch_tokens):
-        logits, resid = run_residuals(model.bridge, batch.tokens)
+        logits, resid = run_residuals(model.bridge, batch.tokens,
+                                      last_logits_only=last_logits_only)
         del logits, resid
 
 
@@ -113,6 +166,7 @@ def run_engine(model: LoadedModel, windows: list[Window], batch_tokens: int, k: 
         done = saturation_batch(model.bridge, lens, batch, k)
         out.append(done.s.numpy())
         del done
+        release_freed_memory()
     return np.concatenate(out)
 
 
@@ -197,6 +251,51 @@ def explain_differences(model: LoadedModel, windows: list[Window], batch_tokens:
     return report
 
 
+def time_probe_fit(model: LoadedModel, windows: list[Window], batch_tokens: int, k: int,
+                   n_states: int, repeats: int) -> dict[str, Any]:
+    """TaskProbe.fit on ``n_states`` real (state, task) pairs (count labels, layers 5..L-1)."""
+    from probes.probe import TaskProbe
+    from probes.tasks import task_table
+
+    lens = LogitLens(model.bridge)
+    first = min(5, model.info.n_layers - 1)
+    X_parts, y_parts = [], []
+    for batch in iter_batches(windows, model.info.bos_token_id, batch_tokens):
+        done = saturation_batch(model.bridge, lens, batch, k)
+        layers = np.arange(first, model.info.n_layers)
+        tasks = task_table(done.s.numpy(), layers, "count")
+        X_parts.append(done.resid[first:].permute(1, 0, 2).reshape(-1, done.resid.shape[-1]))
+        y_parts.append(tasks.reshape(-1))
+    X = torch.cat(X_parts).numpy()
+    y = np.concatenate(y_parts)
+    reps = int(np.ceil(n_states / len(y)))
+    X, y = np.tile(X, (reps, 1))[:n_states], np.tile(y, reps)[:n_states]
+    probe, stats = measure(lambda: TaskProbe().fit(X, y), repeats)
+    stats.update(n_states=len(y), d_model=int(X.shape[1]), n_iter=int(probe.n_iter_),
+                 converged=bool(probe.converged_))
+    return stats
+
+
+def time_alpha_sweep(model: LoadedModel, windows: list[Window], batch_tokens: int,
+                     n_alphas: int, repeats: int) -> dict[str, Any]:
+    """Steering every position at the middle layer with ``n_alphas`` strengths, the grid
+    batched into the forward passes (``interventions.steering.steered_logits``)."""
+    from interventions.steering import steered_logits
+
+    layer = model.info.n_layers // 2
+    vector = torch.randn(model.info.d_model, generator=torch.Generator().manual_seed(0))
+    alphas = list(np.linspace(0, 1, n_alphas))
+    per_batch = max(1, batch_tokens // n_alphas)
+
+    def sweep() -> None:
+        for batch in iter_batches(windows, model.info.bos_token_id, per_batch):
+            steered_logits(model, batch.tokens, layer, vector, alphas)
+
+    _, stats = measure(sweep, repeats)
+    stats.update(n_alphas=n_alphas, layer=layer, tokens=sum(len(w) for w in windows))
+    return stats
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -208,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-tokens", type=int, default=2048)
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--skip", default="", help="comma list of variants to skip")
+    parser.add_argument("--skip", default="",
+                        help="comma list of parts to skip: builtin, naive, probe, sweep")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "saturation.json"))
     args = parser.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
@@ -217,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     model = load_model(args.model)
     load_s = time.perf_counter() - t0
+    MODEL_BASE.append(settled_rss())
     docs = read_text(args.text)
     windows = make_windows(docs, model.tokenize, window=args.window, max_tokens=args.tokens,
                            bos_token_id=model.info.bos_token_id)
@@ -238,6 +339,9 @@ def main(argv: list[str] | None = None) -> int:
 
     _, stats = measure(lambda: run_forward(model, windows, args.batch_tokens), args.repeats)
     report("forward", stats)
+    _, stats = measure(lambda: run_forward(model, windows, args.batch_tokens, True),
+                       args.repeats)
+    report("forward_last", stats)
     s_engine, stats = measure(lambda: run_engine(model, windows, args.batch_tokens, args.top_k),
                               args.repeats)
     report("engine", stats)
@@ -259,9 +363,19 @@ def main(argv: list[str] | None = None) -> int:
                                                      s_engine, s_naive, args.top_k)
         results["naive_over_engine"] = variants["naive"]["seconds"] / variants["engine"]["seconds"]
     results["engine_over_forward"] = variants["engine"]["seconds"] / variants["forward"]["seconds"]
+    results["engine_over_forward_last"] = (variants["engine"]["seconds"]
+                                           / variants["forward_last"]["seconds"])
     if "builtin" in variants:
         results["builtin_over_engine"] = (variants["builtin"]["seconds"]
                                           / variants["engine"]["seconds"])
+
+    if "probe" not in skip:
+        stats = time_probe_fit(model, windows, args.batch_tokens, args.top_k, 50_000,
+                               args.repeats)
+        report("probe_fit", stats)
+    if "sweep" not in skip:
+        stats = time_alpha_sweep(model, windows, args.batch_tokens, 10, args.repeats)
+        report("sweep10", stats)
 
     if args.scale_tokens:
         big = make_windows(read_text(args.text), model.tokenize, window=args.window,
@@ -281,7 +395,12 @@ def main(argv: list[str] | None = None) -> int:
             "time_per_token_ratio": (stats["seconds"] / n_big) / (small["seconds"] / n_tokens),
         }
 
-    print(f"engine/forward = {results['engine_over_forward']:.2f}  (target <= 2.5)")
+    print(f"engine/forward = {results['engine_over_forward']:.2f}  (target <= 2.5; against the "
+          f"forward as the engine runs it: {results['engine_over_forward_last']:.2f})")
+    for name, label in (("probe_fit", "TaskProbe.fit on 50k states"),
+                        ("sweep10", "10-alpha steering sweep over the tokens")):
+        if name in variants:
+            print(f"{label}: {variants[name]['seconds']:.1f} s (target < 60 s)")
     if "naive_over_engine" in results:
         print(f"naive/engine   = {results['naive_over_engine']:.1f}  (target >= 10)")
         d = results["differences"]

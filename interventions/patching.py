@@ -238,3 +238,31 @@ def patch_summary_json(result: PatchResult, extra: dict[str, Any] | None = None
             "success_rule": "the late position's new s_1 equals the patched layer and its "
                             "final top-1 is unchanged",
             **(extra or {})}
+
+
+def rank_trajectories(
+    model: LoadedModel, clean: CleanWindow, position: int, layer: int,
+    source_state: torch.Tensor, token_id: int,
+) -> pd.DataFrame:
+    """Rank of one token at every layer of a position, before and after a patch.
+
+    Args:
+        model: The model.
+        clean: The window's clean run.
+        position: The patched (late) position.
+        layer: The patched layer.
+        source_state: The state written after block ``layer``.
+        token_id: The token followed (usually the shared final top-1).
+
+    Returns:
+        Columns ``layer, rank_before, rank_after`` (1-based ranks).
+    """
+    lens = LogitLens(model.bridge)
+    out = rerun(model.bridge, clean, [position], replace={layer: source_state[None]})
+    ids = torch.tensor([[token_id]])
+    before = [int(lens.ranks(clean.resid[i, position][None], ids)[0, 0])
+              for i in range(clean.resid.shape[0])]
+    after = [int(lens.ranks(out.resid[i, 0][None], ids)[0, 0])
+             for i in range(out.resid.shape[0])]
+    return pd.DataFrame({"layer": range(len(before)), "rank_before": before,
+                         "rank_after": after})

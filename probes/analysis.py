@@ -54,6 +54,7 @@ from probes.residuals import (
     RESIDUAL_DIR,
     Batch,
     iter_batches,
+    release_freed_memory,
     run_residuals,
     save_residual_shard,
 )
@@ -68,7 +69,7 @@ from probes.runfolder import (
     write_json,
     write_text,
 )
-from probes.saturation import saturation_layers, targets_from_logits
+from probes.saturation import saturation_layers
 
 DEFAULT_WINDOW = 256
 RESIDUAL_DTYPES = {"float32": torch.float32, "float16": torch.float16,
@@ -394,34 +395,43 @@ class BatchSaturation:
 
     Attributes:
         resid: Residual stream after every block ``[layer, n, d_model]``.
-        logits: The model's final logits ``[n, d_vocab]``.
-        targets: ``y_1..y_K`` ``[n, K]``.
+        targets: ``y_1..y_K`` ``[n, K]``: the exact top-K of the lens at the last layer,
+            which is the model's output.
         s: Saturation layers ``[n, K]``.
+        lens_check: Largest |lens(layer L-1) - model logits| over the logits the model
+            returned (the last sequence position of every row).
         forward_s: Seconds in the forward pass.
-        saturation_s: Seconds in the saturation engine.
+        saturation_s: Seconds in the saturation engine (targets included).
     """
 
     resid: torch.Tensor
-    logits: torch.Tensor
     targets: torch.Tensor
     s: torch.Tensor
+    lens_check: float
     forward_s: float
     saturation_s: float
 
 
 def saturation_batch(bridge: torch.nn.Module, lens: LogitLens, batch: Batch, top_k: int
                      ) -> BatchSaturation:
-    """Run the model on one batch and find ``s_1..s_K`` of its text positions."""
+    """Run the model on one batch and find ``s_1..s_K`` of its text positions.
+
+    The model is asked for its logits at the last sequence position only: the targets come
+    from the lens at the last layer (the model's own head, exactly), whose exact top-K the
+    lens computes without the full ``[tokens, d_vocab]`` logits; the logits the model does
+    return check that identity on every batch.
+    """
     t0 = time.perf_counter()
-    logits, resid = run_residuals(bridge, batch.tokens)
+    logits, resid = run_residuals(bridge, batch.tokens, last_logits_only=True)
+    t1 = time.perf_counter()
+    last = resid[-1][:, -logits.shape[1]:].reshape(-1, resid.shape[-1])
+    check = lens_error_at_last_layer(lens, last, logits.reshape(-1, logits.shape[-1]))
     mask = batch.valid_mask().to(resid.device)
     flat_resid = resid[:, mask]
-    flat_logits = logits[mask]
     del logits, resid
-    targets = targets_from_logits(flat_logits, top_k)
-    t1 = time.perf_counter()
+    _, targets = lens.topk(flat_resid[-1], top_k)
     s = saturation_layers(lens, flat_resid, targets)
-    return BatchSaturation(flat_resid, flat_logits, targets, s, t1 - t0,
+    return BatchSaturation(flat_resid, targets.cpu(), s, check, t1 - t0,
                            time.perf_counter() - t1)
 
 
@@ -450,12 +460,10 @@ def _run_engine(
                 bar.update(batch.n_positions)
                 continue
             done = saturation_batch(model.bridge, lens, batch, options.top_k)
-            flat_resid, flat_logits, targets, s = done.resid, done.logits, done.targets, done.s
+            flat_resid, targets, s = done.resid, done.targets, done.s
             timing["forward_s"] += done.forward_s
             timing["saturation_s"] += done.saturation_s
-            if lens_check is None:
-                lens_check = lens_error_at_last_layer(lens, flat_resid[-1][:256],
-                                                      flat_logits[:256])
+            lens_check = max(lens_check or 0.0, done.lens_check)
             frame = _batch_rows(batch, s, targets)
             if wants_lens:
                 row0 = next(i for i, w in enumerate(batch.windows)
@@ -475,7 +483,8 @@ def _run_engine(
             shards.save(index, frame)
             frames.append(frame)
             bar.update(batch.n_positions)
-            del done, flat_resid, flat_logits
+            del done, flat_resid
+            release_freed_memory()
     finally:
         bar.close()
     if lens_frame is None and shards.stage is not None and (shards.stage / "lens_window.csv"

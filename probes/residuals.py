@@ -17,10 +17,13 @@ Example:
 
 from __future__ import annotations
 
+import ctypes
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import torch
 from jaxtyping import Float, Int
@@ -104,6 +107,7 @@ def _make_batch(group: list[Window], bos: int | None, offset: int, pad: int) -> 
 
 def run_residuals(
     bridge: torch.nn.Module, tokens: Int[Tensor, "batch seq"], layers: Sequence[int] | None = None,
+    last_logits_only: bool = False,
 ) -> tuple[Float[Tensor, "batch seq d_vocab"], Float[Tensor, "layer batch seq d_model"]]:
     """One forward pass returning the logits and the residual stream after chosen blocks.
 
@@ -111,6 +115,11 @@ def run_residuals(
         bridge: A TransformerBridge.
         tokens: Input ids ``[batch, seq]``.
         layers: Block indices to capture (default: all 0..L-1), in the order given.
+        last_logits_only: Ask the model for the logits of the last sequence position only
+            (``[batch, 1, d_vocab]``): the full ``[batch, seq, d_vocab]`` head output is the
+            largest tensor of a forward pass, and the saturation engine reads the last
+            block's residual stream through the lens instead. Models whose forward does not
+            take ``logits_to_keep`` return every position.
 
     Returns:
         ``(logits, resid)`` with ``resid[i]`` the output of block ``layers[i]``.
@@ -129,10 +138,15 @@ def run_residuals(
         return keep
 
     tokens = tokens.to(bridge.W_U.device)
+    hooks = [(name, keeper(i)) for i, name in enumerate(names)]
     with torch.no_grad():
-        logits = bridge.run_with_hooks(
-            tokens, fwd_hooks=[(name, keeper(i)) for i, name in enumerate(names)]
-        )
+        if last_logits_only:
+            try:
+                logits = bridge.run_with_hooks(tokens, fwd_hooks=hooks, logits_to_keep=1)
+            except TypeError:  # a forward without logits_to_keep: keep every position
+                logits = bridge.run_with_hooks(tokens, fwd_hooks=hooks)
+        else:
+            logits = bridge.run_with_hooks(tokens, fwd_hooks=hooks)
     missing = [names[i] for i, t in enumerate(store) if t is None]
     if missing:
         raise RuntimeError(f"hook points did not fire: {missing}")
@@ -141,6 +155,26 @@ def run_residuals(
 
 
 RESIDUAL_DIR = "residuals"
+
+
+@lru_cache(maxsize=1)
+def _libc() -> Any:
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def release_freed_memory() -> None:
+    """Give memory freed by the last batch back to the operating system (glibc only).
+
+    Batches allocate and free many tensors of varying sizes; glibc keeps freed blocks in its
+    heap, so without this the resident memory of a long run creeps up with the number of
+    batches instead of staying at one batch's working set.
+    """
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 def save_residual_shard(
