@@ -41,7 +41,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The full parser with every subcommand."""
+    """The full parser with every subcommand.
+
+    Returns:
+        The ``topk-saturation`` parser; each subcommand sets ``func``, the function that
+        runs it.
+    """
     parser = _Parser(prog=PROG, description="How transformers settle their top-k predictions "
                      "layer by layer.")
     from probes import __version__
@@ -57,7 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: parse, run, and turn user errors into one line and exit code 2."""
+    """Entry point: parse, run, and turn user errors into one line and exit code 2.
+
+    Args:
+        argv: The arguments after the program name (None: ``sys.argv[1:]``).
+
+    Returns:
+        The exit code: 0 on success, 2 for a user error (one line on stderr), 130 when
+        interrupted. Errors in parsing the arguments exit with 2 (``SystemExit``).
+    """
     from probes.errors import TopkSaturationError
 
     parser = build_parser()

@@ -36,7 +36,11 @@ def _number(text: str) -> float | int:
 
 
 def add_intervene_parser(subparsers: Any) -> None:
-    """Register ``intervene``."""
+    """Register ``intervene``.
+
+    Args:
+        subparsers: The object returned by ``ArgumentParser.add_subparsers()``.
+    """
     from interventions.intervene import DEFAULT_ALPHAS
 
     p = subparsers.add_parser(
@@ -90,7 +94,11 @@ def _thresholds(text: str) -> tuple[str, list[float | None]]:
 
 
 def add_early_exit_parser(subparsers: Any) -> None:
-    """Register ``early-exit``."""
+    """Register ``early-exit``.
+
+    Args:
+        subparsers: The object returned by ``ArgumentParser.add_subparsers()``.
+    """
     from interventions.early_exit import POLICIES
 
     p = subparsers.add_parser(
@@ -113,7 +121,18 @@ def add_early_exit_parser(subparsers: Any) -> None:
 
 
 def run_early_exit_cmd(args: argparse.Namespace) -> int:
-    """Run ``early-exit`` from parsed arguments."""
+    """Run ``early-exit`` from parsed arguments.
+
+    Args:
+        args: The parsed ``early-exit`` arguments.
+
+    Returns:
+        The exit code, 0.
+
+    Raises:
+        InvalidOptionError: ``--thresholds`` names a policy not in ``--policies`` (other bad
+            input raises from :func:`interventions.early_exit.run_early_exit`).
+    """
     from interventions.early_exit import run_early_exit
 
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
@@ -129,7 +148,16 @@ def run_early_exit_cmd(args: argparse.Namespace) -> int:
 
 
 def format_early_exit(result: Any, run_dir: str) -> str:
-    """The short stdout report of an early-exit evaluation."""
+    """The short stdout report of an early-exit evaluation.
+
+    Args:
+        result: The :class:`~interventions.early_exit.EarlyExitResult`.
+        run_dir: The run folder, named in the last line.
+
+    Returns:
+        Multi-line text: the split, the full model's accuracy, each policy's best speedup at
+        consistency >= 0.95 and >= 0.99, the time and the files written.
+    """
     s = result.summary
     lines = [f"topk-saturation early-exit: {s['model']}, L = {s['n_layers']}, "
              f"{s['n_positions']} held-out positions",
@@ -149,7 +177,18 @@ def format_early_exit(result: Any, run_dir: str) -> str:
 
 
 def run_intervene_cmd(args: argparse.Namespace) -> int:
-    """Run ``intervene`` from parsed arguments."""
+    """Run ``intervene`` from parsed arguments.
+
+    Args:
+        args: The parsed ``intervene`` arguments.
+
+    Returns:
+        The exit code, 0.
+
+    Raises:
+        InvalidOptionError: ``--random``, ``--max-positions`` or ``--max-pairs`` below 1 (other
+            bad input raises from :func:`interventions.intervene.run_intervene`).
+    """
     from interventions.intervene import run_intervene
 
     if args.n_random < 1:
@@ -167,7 +206,17 @@ def run_intervene_cmd(args: argparse.Namespace) -> int:
 
 
 def format_intervention(result: Any, run_dir: str) -> str:
-    """The short stdout report of an intervention."""
+    """The short stdout report of an intervention.
+
+    Args:
+        result: The :class:`~interventions.intervene.InterventionResult`.
+        run_dir: The run folder, named in the last line.
+
+    Returns:
+        Multi-line text: for ``patch`` a table of success rates per layer offset with their
+        CIs and the random control; for ``direction`` one table of switch rates per alpha
+        and layer with the reversed and random controls; then the time and the files.
+    """
     s = result.summary
     lines = [f"topk-saturation intervene --method {result.method}: {s['model']}"]
     if result.method == "patch":

@@ -59,16 +59,31 @@ class TaskDirection:
     n_to: int = 0
 
     def delta(self, alpha: float) -> Float[Tensor, " d_model"]:
-        """The vector added at strength ``alpha``: ``alpha * scale * vector``."""
+        """The vector added at strength ``alpha``: ``alpha * scale * vector``.
+
+        Args:
+            alpha: Steering strength, in multiples of :attr:`scale`.
+
+        Returns:
+            A ``[d_model]`` tensor of L2 norm ``|alpha| * scale``.
+        """
         return alpha * self.scale * self.vector
 
     def reversed(self) -> TaskDirection:
-        """The same direction pointing back (a control)."""
+        """The same direction pointing back (a control).
+
+        Returns:
+            A :class:`TaskDirection` with ``-vector`` and source ``"<source>-reversed"``.
+        """
         return TaskDirection(-self.vector, self.k, self.layer, f"{self.source}-reversed",
                              self.scale, self.n_from, self.n_to)
 
     def save(self, path: str | Path) -> None:
-        """Write ``<path>.safetensors`` and ``<path>.json`` (no pickle)."""
+        """Write ``<path>.safetensors`` and ``<path>.json`` (no pickle).
+
+        Args:
+            path: The path without suffix (any suffix is replaced); its folder must exist.
+        """
         path = Path(path)
         save_file({"vector": self.vector.detach().cpu().float().contiguous()},
                   str(path.with_suffix(".safetensors")))
@@ -77,7 +92,14 @@ class TaskDirection:
 
     @staticmethod
     def load(path: str | Path) -> TaskDirection:
-        """Inverse of :meth:`save`."""
+        """Inverse of :meth:`save`.
+
+        Args:
+            path: The path given to :meth:`save` (any suffix is replaced).
+
+        Returns:
+            The :class:`TaskDirection`.
+        """
         path = Path(path)
         meta: dict[str, Any] = json.loads(path.with_suffix(".json").read_text())
         vector = load_file(str(path.with_suffix(".safetensors")))["vector"]
@@ -85,7 +107,17 @@ class TaskDirection:
 
 
 def unit(vector: Float[Tensor, " d_model"]) -> Float[Tensor, " d_model"]:
-    """``vector / ||vector||`` (refuses a zero vector)."""
+    """``vector / ||vector||`` (refuses a zero vector).
+
+    Args:
+        vector: A ``[d_model]`` vector.
+
+    Returns:
+        The vector scaled to L2 norm 1.
+
+    Raises:
+        ProbeError: The vector is zero or has non-finite entries.
+    """
     norm = float(vector.norm())
     if norm == 0 or not torch.isfinite(vector).all():
         raise ProbeError("cannot normalise a zero or non-finite direction")
@@ -93,7 +125,17 @@ def unit(vector: Float[Tensor, " d_model"]) -> Float[Tensor, " d_model"]:
 
 
 def typical_norm(states: Float[Tensor, "n d_model"]) -> float:
-    """The median L2 norm of residual states: the unit of steering strength."""
+    """The median L2 norm of residual states: the unit of steering strength.
+
+    Args:
+        states: Residual states ``[n, d_model]``.
+
+    Returns:
+        The median of the ``n`` L2 norms.
+
+    Raises:
+        InvalidOptionError: ``n`` is 0.
+    """
     if states.shape[0] == 0:
         raise InvalidOptionError("no states to measure the typical residual norm on")
     return float(states.float().norm(dim=-1).quantile(0.5))
@@ -104,6 +146,16 @@ def class_mean_direction(
     layer: int | None = None,
 ) -> TaskDirection:
     """Mean of task-(k+1) states minus mean of task-k states, unit-normalised.
+
+    Args:
+        states: Residual states ``[n, d_model]``.
+        tasks: Task of each state ``[n]`` (other tasks than k and k+1 are ignored).
+        k: The start task (1-based).
+        layer: The layer the states are from, recorded in the result (None: pooled).
+
+    Returns:
+        A :class:`TaskDirection` with source ``"means"``, whose scale is the typical norm of
+        the task-k and task-(k+1) states.
 
     Raises:
         ProbeError: One of the two tasks has no states (the counts are in the message).
@@ -135,6 +187,18 @@ def probe_direction(
         k: Start task.
         scale: Typical residual norm at the layer.
         layer: The layer (None: a probe pooled over layers).
+
+    Returns:
+        A :class:`TaskDirection` with source ``"probe"``.
+
+    Raises:
+        ProbeError: The probe lacks class k or k+1, or their weights are equal.
+
+    Example:
+        >>> w = torch.tensor([[1.0, 0.0, 0.0], [1.0, 2.0, 0.0], [0.0, 0.0, 5.0]])
+        >>> d = probe_direction(w, [1, 2, 3], k=1, scale=4.0, layer=6)
+        >>> d.vector.tolist(), d.source, d.delta(0.5).tolist()
+        ([0.0, 1.0, 0.0], 'probe', [0.0, 2.0, 0.0])
     """
     if k not in classes or k + 1 not in classes:
         raise ProbeError(
@@ -145,7 +209,17 @@ def probe_direction(
 
 
 def random_directions(d_model: int, n: int, seed: int = 0) -> Float[Tensor, "n d_model"]:
-    """``n`` seeded random unit directions (the control of a task direction)."""
+    """``n`` seeded random unit directions (the control of a task direction).
+
+    Args:
+        d_model: Width of the residual stream.
+        n: Number of directions.
+        seed: Seed of the generator (a private ``torch.Generator``; the global state is
+            untouched).
+
+    Returns:
+        ``[n, d_model]`` rows of unit L2 norm, Gaussian before normalising.
+    """
     generator = torch.Generator().manual_seed(seed)
     raw = torch.randn(n, d_model, generator=generator)
     return raw / raw.norm(dim=-1, keepdim=True)

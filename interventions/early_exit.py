@@ -110,7 +110,21 @@ class LayerSignals:
 
 
 def check_thresholds(policy: str, values: Sequence[Any], n_layers: int) -> list[Any]:
-    """Refuse a policy name or thresholds outside the policy's range."""
+    """Refuse a policy name or thresholds outside the policy's range.
+
+    Args:
+        policy: One of :data:`POLICIES`.
+        values: Thresholds to check: probabilities in [0, 1] (``probe``, also None for its
+            argmax rule; ``softmax``), cosines in [-1, 1] (``state``), whole numbers of
+            layers in ``1..L-1`` (``stable``) or layers in ``0..L-1`` (``static``).
+        n_layers: L.
+
+    Returns:
+        The thresholds, ``stable`` and ``static`` ones as ``int``.
+
+    Raises:
+        InvalidOptionError: An unknown policy, or a threshold outside its range.
+    """
     if policy not in POLICIES:
         raise InvalidOptionError(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)}")
     out = []
@@ -136,7 +150,16 @@ def check_thresholds(policy: str, values: Sequence[Any], n_layers: int) -> list[
 
 
 def default_thresholds(policy: str, n_layers: int) -> list[Any]:
-    """The sweep of a policy (static: every layer)."""
+    """The sweep of a policy (static: every layer).
+
+    Args:
+        policy: One of :data:`POLICIES`.
+        n_layers: L.
+
+    Returns:
+        ``0..L-1`` for ``static``, ``[None]`` for ``oracle`` and ``full``, else the
+        :data:`DEFAULT_THRESHOLDS` grid (``stable``: only steps up to ``L-1``).
+    """
     if policy == "static":
         return list(range(n_layers))
     if policy in ("oracle", "full"):
@@ -152,7 +175,32 @@ def _first_true(stop: np.ndarray) -> np.ndarray:
 
 
 def exit_layers(signals: LayerSignals, policy: str, threshold: Any = None) -> np.ndarray:
-    """The exit layer of every position under one policy and threshold (a new array)."""
+    """The exit layer of every position under one policy and threshold (a new array).
+
+    Args:
+        signals: The signals of the evaluation positions.
+        policy: One of :data:`POLICIES`.
+        threshold: The policy's threshold (see :func:`check_thresholds`); None for
+            ``oracle``, ``full`` and the probe's argmax rule.
+
+    Returns:
+        ``[n]`` 0-based exit layers; ``L-1`` (the full model) where the policy never stops.
+
+    Raises:
+        ProbeError: The probe's argmax rule, without probe predictions in ``signals``.
+        InvalidOptionError: An unknown policy.
+
+    Example:
+        >>> sig = LayerSignals(
+        ...     argmax=np.array([[3, 5, 5, 5], [7, 7, 2, 2]]),
+        ...     margin=np.array([[0.1, 0.6, 0.8, 0.9], [0.2, 0.3, 0.4, 0.9]]),
+        ...     cosine=np.full((2, 4), np.nan), p_task1=np.full((2, 4), np.nan),
+        ...     gold=np.array([5, 2]), s1=np.array([1, 2]))
+        >>> exit_layers(sig, "softmax", 0.5).tolist()  # first layer with p1 - p2 >= 0.5
+        [1, 3]
+        >>> exit_layers(sig, "stable", 1).tolist()  # argmax unchanged for 1 layer
+        [2, 1]
+    """
     n, n_layers = signals.argmax.shape
     if policy == "full":
         return np.full(n, n_layers - 1)
@@ -187,6 +235,16 @@ def evaluate(signals: LayerSignals, policy: str, threshold: Any = None) -> dict[
     """Accuracy, consistency, mean layers used, speedup and n of one (policy, threshold).
 
     The returned ``predictions`` and ``exits`` arrays belong to this call alone.
+
+    Args:
+        signals: The signals of the evaluation positions.
+        policy: One of :data:`POLICIES`.
+        threshold: The policy's threshold (None where it takes none).
+
+    Returns:
+        ``policy``, ``threshold``, ``accuracy`` (over positions with a gold token; None if
+        none), ``consistency``, ``mean_layers``, ``speedup``, ``n``, and the per-position
+        ``predictions`` and ``exits`` ``[n]``.
     """
     exits = exit_layers(signals, policy, threshold)
     rows = np.arange(len(exits))
@@ -209,7 +267,15 @@ def evaluate(signals: LayerSignals, policy: str, threshold: Any = None) -> dict[
 
 
 def pareto_frontier(table: pd.DataFrame) -> pd.DataFrame:
-    """Points not beaten on both consistency and speedup by another point."""
+    """Points not beaten on both consistency and speedup by another point.
+
+    Args:
+        table: Rows with ``consistency`` and ``speedup`` columns (rows with NaN in either
+            are left out).
+
+    Returns:
+        The frontier rows, by increasing speedup.
+    """
     points = table.dropna(subset=["consistency", "speedup"]).sort_values(
         ["speedup", "consistency"], ascending=[False, False])
     keep, best = [], -1.0
@@ -222,7 +288,17 @@ def pareto_frontier(table: pd.DataFrame) -> pd.DataFrame:
 
 def best_speedups(table: pd.DataFrame, levels: Sequence[float] = CONSISTENCY_LEVELS
                   ) -> dict[str, dict[str, Any]]:
-    """Per policy, the largest speedup whose consistency reaches each level (None if none)."""
+    """Per policy, the largest speedup whose consistency reaches each level (None if none).
+
+    Args:
+        table: The ``results.csv`` table (``policy``, ``threshold``, ``consistency``,
+            ``speedup``, ``accuracy``).
+        levels: Consistency levels to reach.
+
+    Returns:
+        ``{policy: {"consistency_<level>": {speedup, threshold, consistency, accuracy} or
+        None}}``.
+    """
     out: dict[str, dict[str, Any]] = {}
     for policy, group in table.groupby("policy", sort=False):
         entry: dict[str, Any] = {}
@@ -255,6 +331,18 @@ def split_windows(window_ids: Sequence[int], train_fraction: float, seed: int
                   ) -> tuple[list[int], list[int]]:
     """A seeded shuffle of the window ids: (probe-training windows, evaluation windows).
 
+    Args:
+        window_ids: The run's window ids.
+        train_fraction: Share of windows for training, in (0, 1) (rounded to whole windows).
+        seed: Seed of the shuffle (Python's :class:`random.Random`).
+
+    Returns:
+        The two lists of window ids, each sorted.
+
+    Raises:
+        InvalidOptionError: ``train_fraction`` outside (0, 1), or too few windows to leave
+            at least one on each side.
+
     Example:
         >>> split_windows(range(10), 0.5, seed=0)
         ([1, 3, 5, 7, 8], [0, 2, 4, 6, 9])
@@ -278,7 +366,14 @@ def split_windows(window_ids: Sequence[int], train_fraction: float, seed: int
 
 @dataclass
 class ProbeSettings:
-    """How the run's probe was trained (read from ``DIR/probe/probe.json``)."""
+    """How the run's probe was trained (read from ``DIR/probe/probe.json``).
+
+    Attributes:
+        params: The probe's estimator parameters (``TaskProbe.get_params()``).
+        label_rule: ``in-order`` or ``count``.
+        min_layer: First layer the probe was trained on.
+        features: ``raw`` or ``normed``.
+    """
 
     params: dict[str, Any]
     label_rule: str
@@ -287,6 +382,18 @@ class ProbeSettings:
 
     @staticmethod
     def from_run(run_dir: Path, model: LoadedModel) -> ProbeSettings:
+        """Read the settings of the probe saved in ``run_dir/probe/``.
+
+        Args:
+            run_dir: The run folder.
+            model: The run's model (the probe must have been trained on it).
+
+        Returns:
+            The :class:`ProbeSettings`.
+
+        Raises:
+            ProbeError: The run has no probe, or the probe is for another model or is corrupt.
+        """
         from probes.probe import load_probe
 
         path = Path(run_dir) / "probe" / "probe.safetensors"
@@ -349,7 +456,26 @@ def collect(
     model: LoadedModel, run: AnalysisResult, train_windows: list[int], eval_windows: list[int],
     settings: ProbeSettings | None, progress: bool = True,
 ) -> tuple[LayerSignals, dict[str, Any]]:
-    """Fit the probe on the training windows and compute every signal on the others."""
+    """Fit the probe on the training windows and compute every signal on the others.
+
+    Args:
+        model: The run's model.
+        run: The loaded analysis run.
+        train_windows: Window ids whose states train the probe.
+        eval_windows: Window ids the signals are computed on.
+        settings: How to fit the probe (None: no probe; ``p_task1`` stays NaN).
+        progress: Show progress bars.
+
+    Returns:
+        ``(signals, info)``: the :class:`LayerSignals` of the evaluation positions (window
+        then position order), and facts about the probe fit and
+        ``full_top1_mismatches_vs_run`` (positions where the lens top-1 at ``L-1`` differs
+        from the run's ``target_1``).
+
+    Raises:
+        ProbeError: The training windows hold no labelled states, or lack task 1 or any
+            later task.
+    """
     lens = LogitLens(model.bridge)
     n_layers = run.n_layers
     table = run.table
@@ -452,6 +578,15 @@ def run_early_exit(
         model: The run's model (default: loaded from the run's summary).
         progress: Progress bars.
         write: Write ``DIR/early_exit/`` (results.csv, summary.json, report.html).
+
+    Returns:
+        An :class:`EarlyExitResult`.
+
+    Raises:
+        InvalidOptionError: No policies, an unknown policy, a bad threshold or a bad
+            ``train_fraction``.
+        RunFolderError: A missing or incomplete run folder, or one from another model.
+        ProbeError: The probe policy is asked for and the run has no usable probe.
     """
     policies = list(dict.fromkeys(policies))
     if not policies:
@@ -510,7 +645,15 @@ def run_early_exit(
 
 
 def frontier_figure(table: pd.DataFrame) -> go.Figure:
-    """Consistency and accuracy against speedup, one curve per policy; the oracle a point."""
+    """Consistency and accuracy against speedup, one curve per policy; the oracle a point.
+
+    Args:
+        table: The ``results.csv`` table.
+
+    Returns:
+        A two-panel plotly figure (consistency and accuracy against speedup), with dotted
+        lines at the consistency levels.
+    """
     from plotly.subplots import make_subplots
 
     fig = make_subplots(rows=1, cols=2, subplot_titles=(

@@ -74,6 +74,10 @@ def layer_states(model: LoadedModel, run: AnalysisResult, layer: int,
         run: The analysis run.
         layer: 0-based block index.
         rows: Row indices into ``run.table`` (default: all rows).
+
+    Returns:
+        ``[len(rows), d_model]`` states in the order of ``rows``: read from ``residuals/``
+        where the run saved them, otherwise by rerunning the model on the windows needed.
     """
     rows = np.arange(len(run.table)) if rows is None else np.asarray(rows)
     if run.run_dir is not None and (Path(run.run_dir) / RESIDUAL_DIR).is_dir():
@@ -93,7 +97,19 @@ def layer_states(model: LoadedModel, run: AnalysisResult, layer: int,
 
 
 def choose_layer(tasks: np.ndarray, layers: np.ndarray, k: int) -> int:
-    """The layer with the most balanced numbers of task-k and task-(k+1) states."""
+    """The layer with the most balanced numbers of task-k and task-(k+1) states.
+
+    Args:
+        tasks: Task table ``[n, m]`` of the positions at ``layers`` (0: no task).
+        layers: The ``m`` 0-based layers of the table's columns.
+        k: The task steered from (1-based).
+
+    Returns:
+        The layer maximising ``min(#task k, #task k+1)`` (the first such layer on ties).
+
+    Raises:
+        InvalidOptionError: No layer has states of both tasks.
+    """
     balance = np.minimum((tasks == k).sum(0), (tasks == k + 1).sum(0))
     if balance.max() == 0:
         raise InvalidOptionError(
@@ -156,6 +172,16 @@ def run_intervene(
         model: The loaded model (default: loaded from the run's summary).
         progress: Progress bars.
         write: Write the files under ``DIR/interventions/``.
+
+    Returns:
+        An :class:`InterventionResult`.
+
+    Raises:
+        InvalidOptionError: An unknown method, source or label rule, an empty alpha grid,
+            ``k < 1``, a task ``k + 1`` beyond the run's K, bad layers, or no positions (or
+            pairs) that qualify.
+        RunFolderError: A missing or incomplete run folder, or one from another model.
+        ProbeError: ``source="probe"`` and the run has no usable probe.
     """
     if method not in METHODS:
         raise InvalidOptionError(f"unknown method {method!r}; use {' or '.join(METHODS)}")
@@ -265,7 +291,15 @@ def _patch(model: LoadedModel, run: AnalysisResult, min_gap: float | int | None,
 
 
 def write_results(run_dir: Path, result: InterventionResult) -> None:
-    """Write ``<method>.csv|json|html`` (and the directions) under ``DIR/interventions``."""
+    """Write ``<method>.csv|json|html`` (and the directions) under ``DIR/interventions``.
+
+    Args:
+        run_dir: The run folder.
+        result: The intervention result to write.
+
+    Raises:
+        RunFolderError: ``run_dir`` does not exist.
+    """
     if not run_dir.is_dir():
         raise RunFolderError(f"the run folder {run_dir} does not exist")
     folder = run_dir / "interventions"

@@ -40,12 +40,30 @@ from probes.saturation import saturation_layers, targets_from_logits
 
 
 def default_gap(n_layers: int) -> int:
-    """The paper's 10 layers, or a third of the depth for models shallower than 30 layers."""
+    """The paper's 10 layers, or a third of the depth for models shallower than 30 layers.
+
+    Args:
+        n_layers: L.
+
+    Returns:
+        ``max(1, min(10, L // 3))``.
+    """
     return max(1, min(10, n_layers // 3))
 
 
 def resolve_layer_count(value: float | int | None, n_layers: int) -> int:
-    """An int as is; a float in (0, 1) as ``round(value * L)``; None as the default."""
+    """An int as is; a float in (0, 1) as ``round(value * L)``; None as the default.
+
+    Args:
+        value: A whole number of layers, a fraction of L in (0, 1), or None.
+        n_layers: L.
+
+    Returns:
+        The number of layers (at least 1 for a fraction; :func:`default_gap` for None).
+
+    Raises:
+        InvalidOptionError: A negative or non-whole number that is not a fraction in (0, 1).
+    """
     if value is None:
         return default_gap(n_layers)
     if isinstance(value, float) and 0 < value < 1:
@@ -70,6 +88,10 @@ def find_pairs(
 
     Returns:
         Columns ``window, early_position, late_position, s_early, s_late, gap, top1``.
+
+    Raises:
+        InvalidOptionError: A bad ``min_gap`` or ``min_layer`` (see
+            :func:`resolve_layer_count`).
     """
     gap = resolve_layer_count(min_gap, n_layers)
     floor = resolve_layer_count(min_layer, n_layers)
@@ -109,6 +131,15 @@ def patch_one(
 ) -> dict[str, Any]:
     """Patch one position's state after ``layer`` and report what happened to it.
 
+    Args:
+        model: The model.
+        clean: The window's clean run (:func:`interventions.rerun.clean_window`).
+        late_position: The position patched (0-based, within the window).
+        layer: The block after which its state is replaced.
+        source_state: The state written there ``[d_model]``.
+        top_k: K, for the new saturation layers.
+        lens: The model's logit lens (default: a new one).
+
     Returns:
         ``new_top1``, ``top1_kept``, ``new_s`` (list over ranks), ``logits``.
     """
@@ -132,7 +163,29 @@ def patching_experiment(
     seed: int = 0,
     progress: bool = True,
 ) -> PatchResult:
-    """Run the experiment on ``pairs`` (from :func:`find_pairs`), with its random control."""
+    """Run the experiment on ``pairs`` (from :func:`find_pairs`), with its random control.
+
+    Args:
+        model: The run's model.
+        windows: The run's windows.
+        table: The run's saturation table (``window``, ``position``, ``target_1``; the pool of
+            control sources).
+        pairs: The pairs to patch.
+        span: Layers ``s_e - span .. s_e + span`` are patched (those outside ``0..L-1``
+            skipped).
+        top_k: K, for the new saturation layers.
+        max_pairs: Use a seeded sample of this many pairs when there are more (None: all).
+        seed: Seed of the sample and of the control sources.
+        progress: Show a progress bar over windows.
+
+    Returns:
+        A :class:`PatchResult`: the per-row table (``new_top1``, ``top1_kept``, ``new_s_1``,
+        ``success``) and the success rate per ``(kind, offset)`` with bootstrap intervals.
+
+    Raises:
+        InvalidOptionError: No pairs, ``span < 0``, or no position with another top-1 for
+            the control.
+    """
     if pairs.empty:
         raise InvalidOptionError("no position pairs qualify for patching")
     if span < 0:
@@ -218,7 +271,16 @@ def _control_sources(table: pd.DataFrame, pairs: pd.DataFrame, rng: np.random.Ge
 
 def patch_summary_json(result: PatchResult, extra: dict[str, Any] | None = None
                        ) -> dict[str, Any]:
-    """JSON of the experiment: per offset l - s_e, the success share and the control's."""
+    """JSON of the experiment: per offset l - s_e, the success share and the control's.
+
+    Args:
+        result: The experiment's result.
+        extra: More keys merged into the output.
+
+    Returns:
+        ``n_pairs``, ``per_offset`` (per offset ``l - s_e``: ``n``, ``switch_rate``, ``ci``
+        and ``random_control`` with the same keys), ``success_rule`` and ``extra``.
+    """
     summary = result.summary
     per_offset = []
     for offset in sorted(summary["offset"].unique()):
@@ -256,6 +318,17 @@ def rank_trajectories(
 
     Returns:
         Columns ``layer, rank_before, rank_after`` (1-based ranks).
+
+    Example:
+        >>> from probes.models import load_model
+        >>> m = load_model("random:gpt2?n_layers=3&d_model=32&n_heads=2")
+        >>> clean = clean_window(m.bridge, Window(0, "d", 0, (10, 11, 12, 13), -1),
+        ...                      m.info.bos_token_id)
+        >>> top1 = int(clean.logits[3].argmax())
+        >>> ranks = rank_trajectories(m, clean, position=3, layer=1,
+        ...                           source_state=clean.resid[1, 0], token_id=top1)
+        >>> ranks.columns.tolist(), len(ranks), int(ranks["rank_before"].iloc[-1])
+        (['layer', 'rank_before', 'rank_after'], 3, 1)
     """
     lens = LogitLens(model.bridge)
     out = rerun(model.bridge, clean, [position], replace={layer: source_state[None]})

@@ -43,7 +43,17 @@ def _rgba(hex_color: str, alpha: float) -> str:
 
 
 def dose_response_figure(summary: pd.DataFrame, layer: int, k: int) -> go.Figure:
-    """Switch rate against alpha for the direction and its controls (95% bootstrap bands)."""
+    """Switch rate against alpha for the direction and its controls (95% bootstrap bands).
+
+    Args:
+        summary: The sweep's per-(kind, alpha) table (``kind``, ``alpha``, ``n``, ``rate``,
+            ``ci_low``, ``ci_high``).
+        layer: The steered layer (0-based), for the title.
+        k: The task steered from (1-based), for the title.
+
+    Returns:
+        A plotly figure, one line with its band per kind present.
+    """
     fig = go.Figure()
     for kind in ("random", "reversed", "direction"):
         frame = summary[summary["kind"] == kind]
@@ -63,7 +73,15 @@ def dose_response_figure(summary: pd.DataFrame, layer: int, k: int) -> go.Figure
 
 
 def top1_rank_figure(summary: pd.DataFrame, layer: int) -> go.Figure:
-    """Mean new rank of the former top token against alpha."""
+    """Mean new rank of the former top token against alpha.
+
+    Args:
+        summary: The sweep's per-(kind, alpha) table with ``mean_top1_rank``.
+        layer: The steered layer (0-based), for the title.
+
+    Returns:
+        A plotly figure with a log-scale y axis, one line per kind present.
+    """
     fig = go.Figure()
     for kind in ("random", "reversed", "direction"):
         frame = summary[summary["kind"] == kind].sort_values("alpha")
@@ -79,7 +97,15 @@ def top1_rank_figure(summary: pd.DataFrame, layer: int) -> go.Figure:
 
 
 def patch_figure(summary: pd.DataFrame) -> go.Figure:
-    """Patch success against l - s_e, with the random-source control."""
+    """Patch success against l - s_e, with the random-source control.
+
+    Args:
+        summary: The experiment's per-(kind, offset) table (``kind`` is ``pair`` or
+            ``control``; ``offset``, ``n``, ``rate``, ``ci_low``, ``ci_high``).
+
+    Returns:
+        A plotly figure with 95% bootstrap bands and a dotted line at ``l = s_e``.
+    """
     fig = go.Figure()
     for kind in ("control", "pair"):
         frame = summary[summary["kind"] == kind]

@@ -32,7 +32,20 @@ from torch import Tensor
 
 def new_ranks(logits: Float[Tensor, "rows d_vocab"], token_ids: Int[Tensor, "rows t"]
               ) -> Int[Tensor, "rows t"]:
-    """1-based ranks of given tokens in each row of logits."""
+    """1-based ranks of given tokens in each row of logits.
+
+    Args:
+        logits: Logits ``[rows, d_vocab]``.
+        token_ids: Tokens to rank per row ``[rows, t]``.
+
+    Returns:
+        ``[rows, t]`` ranks on the CPU (1 + the number of strictly larger logits).
+
+    Example:
+        >>> logits = torch.tensor([[0.5, 2.0, 1.0, 2.0]])
+        >>> new_ranks(logits, torch.tensor([[1, 3, 2, 0]])).tolist()  # tied tokens share rank 1
+        [[1, 1, 3, 4]]
+    """
     logits = logits.float()
     own = torch.gather(logits, 1, token_ids.to(logits.device))
     return ((logits.unsqueeze(1) > own.unsqueeze(-1)).sum(-1) + 1).cpu()
@@ -40,7 +53,15 @@ def new_ranks(logits: Float[Tensor, "rows d_vocab"], token_ids: Int[Tensor, "row
 
 def kl_divergence(clean: Float[Tensor, "rows d_vocab"], other: Float[Tensor, "rows d_vocab"]
                   ) -> Float[Tensor, " rows"]:
-    """KL(softmax(clean) || softmax(other)) per row, in nats."""
+    """KL(softmax(clean) || softmax(other)) per row, in nats.
+
+    Args:
+        clean: Reference logits ``[rows, d_vocab]``.
+        other: Logits to compare ``[rows, d_vocab]``.
+
+    Returns:
+        ``[rows]`` non-negative divergences on the CPU.
+    """
     log_p = torch.log_softmax(clean.float(), dim=-1)
     log_q = torch.log_softmax(other.float(), dim=-1)
     return (log_p.exp() * (log_p - log_q)).sum(-1).clamp_min(0).cpu()
@@ -59,6 +80,13 @@ def rank_table(
         new_logits: Logits with it.
         targets: Original ``y_1..y_K`` per row (needs K >= k + 1).
         k: The task the intervention starts from (1-based).
+
+    Returns:
+        One row per input row: ``rank_1..rank_K``, ``switched``, ``top1_rank``, ``new_top1``,
+        ``top1_kept`` and ``kl`` (nats).
+
+    Raises:
+        ValueError: ``targets`` has fewer than ``k + 1`` columns.
     """
     if targets.shape[1] < k + 1:
         raise ValueError(f"switching from task {k} needs at least {k + 1} targets")
@@ -75,6 +103,15 @@ def rank_table(
 def bootstrap_ci(values: np.ndarray, n_boot: int = 1000, seed: int = 0, level: float = 0.95
                  ) -> tuple[float | None, float | None]:
     """Percentile bootstrap interval of the mean of ``values`` (None where empty).
+
+    Args:
+        values: The values (e.g. 0/1 outcomes per position).
+        n_boot: Number of bootstrap resamples.
+        seed: Seed of the resampling.
+        level: Coverage of the interval.
+
+    Returns:
+        ``(low, high)``, or ``(None, None)`` for no values.
 
     Example:
         >>> lo, hi = bootstrap_ci(np.array([0, 1] * 50, dtype=float), seed=1)
@@ -94,7 +131,19 @@ def summarize_rates(
     table: pd.DataFrame, by: list[str], rate: str = "switched", seed: int = 0,
     extra: tuple[str, ...] = ("top1_rank", "kl"),
 ) -> pd.DataFrame:
-    """Per group: n, the rate with its bootstrap interval, and the means of ``extra``."""
+    """Per group: n, the rate with its bootstrap interval, and the means of ``extra``.
+
+    Args:
+        table: Per-row results.
+        by: Columns to group by (e.g. ``["kind", "alpha"]``).
+        rate: The boolean column whose mean is the rate.
+        seed: Seed of the bootstrap.
+        extra: Columns whose group means are added as ``mean_<col>`` (where present).
+
+    Returns:
+        One row per group, sorted: the ``by`` columns, ``n``, ``rate``, ``ci_low``,
+        ``ci_high`` and the ``mean_*`` columns.
+    """
     rows = []
     for keys, group in table.groupby(by, sort=True):
         keys = keys if isinstance(keys, tuple) else (keys,)

@@ -74,7 +74,16 @@ class RerunOutput:
 
 def clean_window(bridge: torch.nn.Module, window: Window, bos_token_id: int | None
                  ) -> CleanWindow:
-    """Run one window and keep its cache, logits and residual stream."""
+    """Run one window and keep its cache, logits and residual stream.
+
+    Args:
+        bridge: The model's TransformerBridge.
+        window: The window to run.
+        bos_token_id: Prepended when not None.
+
+    Returns:
+        A :class:`CleanWindow` (logits and residuals at the text positions only).
+    """
     offset = 0 if bos_token_id is None else 1
     ids = ([bos_token_id] if bos_token_id is not None else []) + list(window.token_ids)
     tokens = torch.tensor([ids], device=bridge.W_U.device)
@@ -121,6 +130,9 @@ def rerun(
 
     Returns:
         A :class:`RerunOutput` with one row per entry of ``positions``.
+
+    Raises:
+        ValueError: A layer is in ``replace`` and also in ``patch_layers``.
     """
     positions = torch.as_tensor(positions, dtype=torch.long).cpu()
     n_layers = int(bridge.cfg.n_layers)

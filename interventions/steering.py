@@ -55,7 +55,18 @@ def _bridge(model: LoadedModel | torch.nn.Module) -> torch.nn.Module:
 
 
 def check_layers(layers: Sequence[int], n_layers: int) -> list[int]:
-    """Refuse layers outside 0..L-1."""
+    """Refuse layers outside 0..L-1.
+
+    Args:
+        layers: 0-based block indices.
+        n_layers: L.
+
+    Returns:
+        The layers as ``int``, in their given order.
+
+    Raises:
+        InvalidOptionError: A layer outside ``0..L-1``.
+    """
     bad = [int(x) for x in layers if not 0 <= int(x) < n_layers]
     if bad:
         raise InvalidOptionError(
@@ -82,6 +93,9 @@ def steer(
 
     Yields:
         The bridge, for convenience.
+
+    Raises:
+        InvalidOptionError: A layer outside ``0..L-1``.
     """
     bridge = _bridge(model)
     layers = check_layers([layer] if isinstance(layer, int) else list(layer),
@@ -107,7 +121,32 @@ def steered_logits(
     vector: Float[Tensor, " d_model"], alphas: Sequence[float],
     positions: Sequence[int] | slice | None = None,
 ) -> Float[Tensor, "alpha batch seq d_vocab"]:
-    """Logits for every alpha of a grid, in one batched forward pass."""
+    """Logits for every alpha of a grid, in one batched forward pass.
+
+    Args:
+        model: A LoadedModel or its bridge.
+        tokens: Model input ``[batch, seq]``.
+        layer: Block index (0-based) or indices to steer after.
+        vector: The direction, already scaled as wanted.
+        alphas: The grid of multipliers of ``vector``.
+        positions: Sequence indices of the model input to steer (default: all).
+
+    Returns:
+        ``[len(alphas), batch, seq, d_vocab]`` logits.
+
+    Raises:
+        InvalidOptionError: A layer outside ``0..L-1``.
+
+    Example:
+        >>> from probes.models import load_model
+        >>> m = load_model("random:llama?n_layers=3&d_model=32&n_heads=4&n_kv_heads=2&d_mlp=64")
+        >>> tokens = torch.tensor([[m.info.bos_token_id, 10, 11, 12]])
+        >>> logits = steered_logits(m, tokens, layer=1, vector=torch.ones(32), alphas=[0.0, 2.0])
+        >>> tuple(logits.shape)  # alpha batch seq d_vocab
+        (2, 1, 4, 50257)
+        >>> bool(torch.allclose(logits[0], m.bridge(tokens), atol=1e-5))  # alpha 0: unsteered
+        True
+    """
     bridge = _bridge(model)
     grid = torch.tensor(list(alphas), dtype=torch.float32)
     batch = tokens.shape[0]
@@ -161,6 +200,13 @@ def direction_sweep(
         seed: Seed of the random directions and the bootstrap.
         progress: Show a progress bar.
         chunk: Rows per forward pass.
+
+    Returns:
+        A :class:`SweepResult`.
+
+    Raises:
+        InvalidOptionError: A layer outside ``0..L-1``, an empty alpha grid, or no selected
+            positions.
     """
     n_layers = model.info.n_layers
     check_layers([layer], n_layers)
@@ -208,7 +254,20 @@ def direction_sweep(
 
 def sweep_summary_json(result: SweepResult, direction: TaskDirection, layer: int,
                        extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """JSON of a sweep: per alpha, the direction's switch rate and the controls'."""
+    """JSON of a sweep: per alpha, the direction's switch rate and the controls'.
+
+    Args:
+        result: The sweep.
+        direction: The direction swept (its ``k``, ``source`` and ``scale`` are recorded).
+        layer: The steered layer.
+        extra: More keys merged into the output.
+
+    Returns:
+        ``layer``, ``k``, ``source``, ``scale``, ``per_alpha`` (per alpha: the direction's
+        ``n``, ``switch_rate``, ``ci``, ``mean_top1_rank``, ``mean_kl``, and the same under
+        ``reversed_control`` and ``random_control``), ``best_alpha`` (highest switch rate)
+        and ``extra``.
+    """
     per_alpha = []
     summary = result.summary
     for alpha in sorted(summary["alpha"].unique()):

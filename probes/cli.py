@@ -20,6 +20,14 @@ _DEFAULTS = AnalysisOptions()
 def slug(text: str) -> str:
     """A file-name-safe short form of a model or text spec.
 
+    Args:
+        text: A model or text spec (``shakespeare:`` is dropped; an existing path gives its
+            last component).
+
+    Returns:
+        Runs of other characters than letters, digits, ``_`` and ``.`` turned into ``-``, at
+        most 60 characters; ``"run"`` if nothing is left.
+
     Example:
         >>> slug("shakespeare:hamlet")
         'hamlet'
@@ -32,7 +40,17 @@ def slug(text: str) -> str:
 
 
 def positive_int(value: str) -> int:
-    """argparse type: an integer (range checks happen in the API, with its messages)."""
+    """argparse type: an integer (range checks happen in the API, with its messages).
+
+    Args:
+        value: The command-line string.
+
+    Returns:
+        The integer (any sign; the API checks ranges).
+
+    Raises:
+        argparse.ArgumentTypeError: ``value`` is not an integer.
+    """
     try:
         return int(value)
     except ValueError as err:
@@ -40,14 +58,22 @@ def positive_int(value: str) -> int:
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
-    """Options shared by every subcommand that loads a model."""
+    """Options shared by every subcommand that loads a model.
+
+    Args:
+        parser: The subcommand's parser; gets ``--device`` and ``--dtype``.
+    """
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
     parser.add_argument("--dtype", default="float32",
                         help="float32 (default), bfloat16 or float16")
 
 
 def add_analyze_parser(subparsers: Any) -> None:
-    """Register ``analyze``."""
+    """Register ``analyze``.
+
+    Args:
+        subparsers: The object returned by ``ArgumentParser.add_subparsers()``.
+    """
     p = subparsers.add_parser(
         "analyze", help="saturation layers of every position, and whether they are ordered",
         description="Find, for every position of a text, the layer at which each of the final "
@@ -101,7 +127,17 @@ def add_analyze_parser(subparsers: Any) -> None:
 
 
 def run_analyze(args: argparse.Namespace) -> int:
-    """Run ``analyze`` from parsed arguments."""
+    """Run ``analyze`` from parsed arguments.
+
+    Args:
+        args: The parsed ``analyze`` arguments (``--out`` defaults to
+            ``runs/<model slug>_<text slug>``).
+
+    Returns:
+        The exit code, 0; bad input raises a
+        :class:`~probes.errors.TopkSaturationError` (the console script prints it and
+        exits with 2).
+    """
     out = Path(args.out) if args.out else Path("runs") / f"{slug(args.model)}_{slug(args.text)}"
     # Input options of masked, vision and encoder-decoder models, only where given.
     inputs = {name: getattr(args, name) for name in
@@ -120,7 +156,15 @@ def run_analyze(args: argparse.Namespace) -> int:
 
 
 def format_analysis(result: AnalysisResult) -> str:
-    """The short stdout report of an analysis."""
+    """The short stdout report of an analysis.
+
+    Args:
+        result: A finished (or loaded) analysis.
+
+    Returns:
+        Multi-line text: model, positions, kept share, a table of the order statistics of
+        ``all`` and ``kept``, timings and the folder written.
+    """
     s = result.summary
     k = s["top_k"]
     lines = [f"topk-saturation analyze: {s['model']} on {s['text']}"]
@@ -151,7 +195,11 @@ def format_analysis(result: AnalysisResult) -> str:
 
 
 def add_compare_parser(subparsers: Any) -> None:
-    """Register ``compare``."""
+    """Register ``compare``.
+
+    Args:
+        subparsers: The object returned by ``ArgumentParser.add_subparsers()``.
+    """
     from probes.arch_analysis import InputOptions
 
     inputs = InputOptions()
@@ -203,7 +251,15 @@ def add_compare_parser(subparsers: Any) -> None:
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    """Run ``compare`` from parsed arguments."""
+    """Run ``compare`` from parsed arguments.
+
+    Args:
+        args: The parsed ``compare`` arguments.
+
+    Returns:
+        The exit code, 0; bad input raises a
+        :class:`~probes.errors.TopkSaturationError`.
+    """
     from probes.compare import compare
 
     result = compare(
@@ -225,6 +281,16 @@ def run_compare(args: argparse.Namespace) -> int:
 def layer_or_fraction(value: str) -> int | float:
     """argparse type of ``--min-layer``: a block index (``5``) or a fraction of L (``0.2``).
 
+    Args:
+        value: The command-line string.
+
+    Returns:
+        An ``int`` where ``value`` parses as one, else a ``float`` (ranges are checked by
+        :func:`probes.tasks.resolve_min_layer`).
+
+    Raises:
+        argparse.ArgumentTypeError: ``value`` is not a number.
+
     Example:
         >>> layer_or_fraction("5"), layer_or_fraction("0.25")
         (5, 0.25)
@@ -241,7 +307,11 @@ def layer_or_fraction(value: str) -> int | float:
 
 
 def add_probe_parser(subparsers: Any) -> None:
-    """Register ``probe``."""
+    """Register ``probe``.
+
+    Args:
+        subparsers: The object returned by ``ArgumentParser.add_subparsers()``.
+    """
     from probes.probe import BALANCE_MODES, SOLVERS
     from probes.probe_run import FEATURES, ProbeOptions
     from probes.tasks import LABEL_RULES
@@ -287,7 +357,15 @@ def add_probe_parser(subparsers: Any) -> None:
 
 
 def run_probe_command(args: argparse.Namespace) -> int:
-    """Run ``probe`` from parsed arguments."""
+    """Run ``probe`` from parsed arguments.
+
+    Args:
+        args: The parsed ``probe`` arguments.
+
+    Returns:
+        The exit code, 0; bad input raises a
+        :class:`~probes.errors.TopkSaturationError`.
+    """
     from probes.probe_run import format_probe, run_probe
 
     result = run_probe(

@@ -97,6 +97,15 @@ class PlannedRun:
 def parse_models(models: str | Sequence[str]) -> list[str]:
     """Split ``"a,b,c"`` (or take a list), refusing empty and repeated entries.
 
+    Args:
+        models: A comma-separated string of model specs, or a sequence of them.
+
+    Returns:
+        The specs, stripped, in their given order.
+
+    Raises:
+        InvalidOptionError: The list is empty, has an empty entry or names a model twice.
+
     Example:
         >>> parse_models("smollm2-135m, random:gpt2")
         ['smollm2-135m', 'random:gpt2']
@@ -119,6 +128,14 @@ def _short_hash(text: str) -> str:
 def run_slug(spec: str) -> str:
     """A folder name for a canonical spec: readable, and unique per exact model.
 
+    Args:
+        spec: A canonical model spec (see :func:`probes.architectures.canonical_spec`).
+
+    Returns:
+        ``random-<family>-seed<n>-<hash of the geometry>`` for untrained models; otherwise the
+        spec with runs of other characters than letters, digits, ``_`` and ``.`` turned into
+        ``-`` (names over 60 characters are cut to 50 plus a hash).
+
     Example:
         >>> run_slug("smollm2-135m")
         'smollm2-135m'
@@ -136,6 +153,13 @@ def run_slug(spec: str) -> str:
 
 def plan_runs(models: Sequence[str], seeds: int) -> list[PlannedRun]:
     """The runs of a comparison, checked without loading any model.
+
+    Args:
+        models: Model specs, as given by the user.
+        seeds: Weight seeds per untrained model: the spec's seed and the next ``seeds - 1``.
+
+    Returns:
+        One :class:`PlannedRun` per run, models in order and seeds ascending.
 
     Raises:
         TopkSaturationError: A bad spec (unknown, malformed, unsupported architecture).
@@ -170,7 +194,19 @@ def _requested(options: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_matches(summary: dict[str, Any], spec: str, options: dict[str, Any], dtype: str) -> bool:
-    """Whether a finished run was made with this model and these options."""
+    """Whether a finished run was made with this model and these options.
+
+    Args:
+        summary: The run's ``summary.json``.
+        spec: The exact (canonical) spec wanted.
+        options: The requested ``analyze`` options, ``text`` included (defaults filled in
+            for those absent).
+        dtype: The dtype the model should have run in.
+
+    Returns:
+        True when tool, format, command, model, dtype and every option relevant to the
+        run's model kind agree (an unset ``window`` matches any).
+    """
     if summary.get("tool") != TOOL or summary.get("format_version") != FORMAT_VERSION:
         return False
     if summary.get("command") != "analyze" or summary.get("model") != spec:
@@ -204,6 +240,12 @@ def _finished_run(folder: Path, spec: str, options: dict[str, Any], dtype: str
 def quantisation(weights: str) -> str:
     """How quantised the weights are, from a model's ``weights`` description.
 
+    Args:
+        weights: The ``weights`` field of :class:`~probes.models.ModelInfo`.
+
+    Returns:
+        A short description, ``"none"`` where the weights are not from a GGUF file.
+
     Example:
         >>> quantisation("pretrained SmolLM2-135M-Instruct, GGUF Q4_1 (4-bit) dequantised")
         '4-bit (GGUF Q4_1), dequantised to float32'
@@ -219,7 +261,17 @@ def quantisation(weights: str) -> str:
 
 
 def run_row(summary: dict[str, Any]) -> dict[str, Any]:
-    """The numbers of one run, as a flat dict."""
+    """The numbers of one run, as a flat dict.
+
+    Args:
+        summary: A run's ``summary.json``.
+
+    Returns:
+        Kind, architecture, weights, sizes, kept share, per group (``all``, ``kept``) the
+        scored positions, mean tau, null mean tau, their difference, p and in-order share,
+        the depth-normalised ``s{k}_norm`` (``mean s_k / (L-1)``) with its ``_se``, the lens
+        check and the run time.
+    """
     info = summary["model_info"]
     depth = max(1, int(summary["n_layers"]) - 1)
     row: dict[str, Any] = {
@@ -275,7 +327,19 @@ def _sd(values: pd.Series) -> float | None:
 
 
 def aggregate(model: str, runs: pd.DataFrame, top_k: int) -> dict[str, Any]:
-    """One model's row: the mean over its runs (seeds) and their spread."""
+    """One model's row: the mean over its runs (seeds) and their spread.
+
+    Args:
+        model: The model as the user gave it.
+        runs: Its rows of ``compare_runs.csv`` (one per seed; :func:`run_row` columns plus
+            ``seed`` and ``slug``).
+        top_k: K.
+
+    Returns:
+        The ``compare.csv`` row: means over runs, ``*_sd`` spreads (None with one run), the
+        largest p, and ``s{k}_norm_err`` (sd over seeds, or the s.e. over positions of a
+        single run).
+    """
     first = runs.iloc[0]
     row: dict[str, Any] = {"model": model}
     for name in ("kind", "architecture", "quantisation", "n_layers", "d_model"):
@@ -328,7 +392,11 @@ class CompareResult:
     out: Path | None = None
 
     def figure(self) -> go.Figure:
-        """Normalised mean ``s_k`` against rank k, one line per model, with error bars."""
+        """Normalised mean ``s_k`` against rank k, one line per model, with error bars.
+
+        Returns:
+            A plotly line plot of ``s_k / (L-1)`` against ``k``.
+        """
         fig = go.Figure()
         ranks = list(range(1, self.top_k + 1))
         for _, row in self.table.iterrows():
@@ -347,7 +415,11 @@ class CompareResult:
         return fig
 
     def display(self) -> tuple[list[str], list[list[str]]]:
-        """The headline columns, formatted: ``(header, rows)`` (Markdown and HTML tables)."""
+        """The headline columns, formatted: ``(header, rows)`` (Markdown and HTML tables).
+
+        Returns:
+            The column names, and one list of formatted cells per model.
+        """
         k_cols = [f"s{k}/(L-1)" for k in range(1, self.top_k + 1)]
         head = ["model", "weights", "L", "positions", "kept", "tau all", "null all", "p all",
                 "tau kept", "null kept", "p kept", "in order (kept)", *k_cols]
@@ -364,14 +436,23 @@ class CompareResult:
         return head, rows
 
     def markdown(self) -> str:
-        """The headline table in Markdown (for a README)."""
+        """The headline table in Markdown (for a README).
+
+        Returns:
+            A Markdown table, model specs in backticks.
+        """
         head, rows = self.display()
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join([f"`{r[0]}`", *r[1:]]) + " |" for r in rows]
         return "\n".join(lines)
 
     def html(self) -> str:
-        """The self-contained comparison page."""
+        """The self-contained comparison page.
+
+        Returns:
+            An HTML document: notes, the headline table, the figure, every column, links to the
+            runs' reports.
+        """
         notes = (
             "<p>One row per model. Untrained models: mean over seeds ± sample standard "
             "deviation (p: the largest p of any seed). <b>tau</b>: mean strict Kendall tau "
@@ -405,7 +486,12 @@ class CompareResult:
         return plots.report_html("topk-saturation compare", sections)
 
     def save(self, stage: Path) -> None:
-        """Write the comparison files into a (staging) folder."""
+        """Write the comparison files into a (staging) folder.
+
+        Args:
+            stage: The folder to write ``compare.csv``, ``compare_runs.csv``, ``compare.md``,
+                ``compare.html`` and ``summary.json`` into (it must exist).
+        """
         write_text(stage / "compare.csv", self.table.to_csv(index=False))
         write_text(stage / "compare_runs.csv", self.runs.to_csv(index=False))
         write_text(stage / "compare.md", self.markdown() + "\n")

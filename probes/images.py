@@ -123,7 +123,14 @@ def _samples() -> list[Image]:
 
 
 def check_image_source(source: str) -> None:
-    """Refuse an image source that is unknown or missing, without reading any image."""
+    """Refuse an image source that is unknown or missing, without reading any image.
+
+    Args:
+        source: ``sklearn:digits``, ``sklearn:sample``, a folder of images or an image file.
+
+    Raises:
+        ImageSourceError: An unknown ``sklearn:`` source, or a path that does not exist.
+    """
     if source in ("sklearn:digits", "sklearn:sample"):
         return
     path = Path(source).expanduser()
@@ -137,6 +144,14 @@ def check_image_source(source: str) -> None:
 
 def load_images(source: str = DEFAULT_IMAGES, max_images: int | None = None) -> list[Image]:
     """The images of a source, in order, at most ``max_images``.
+
+    Args:
+        source: ``sklearn:digits`` (default), ``sklearn:sample``, a folder of images or one
+            image file (see the module docstring).
+        max_images: Cap on the number of images (None: all of them).
+
+    Returns:
+        The :class:`Image` objects, RGB float32 in 0..1 at their own size.
 
     Raises:
         ImageSourceError: Unknown, missing, empty or unreadable source.
@@ -167,7 +182,17 @@ def to_pixel_values(
     images: Sequence[Image], size: int, mean: Sequence[float] = (0.5, 0.5, 0.5),
     std: Sequence[float] = (0.5, 0.5, 0.5),
 ) -> Float[Tensor, "batch 3 size size"]:
-    """Resize (bilinear) and normalise images into a model's ``pixel_values``."""
+    """Resize (bilinear) and normalise images into a model's ``pixel_values``.
+
+    Args:
+        images: The images.
+        size: Side of the model's square input, in pixels.
+        mean: Per-channel mean subtracted after resizing (the processor's ``image_mean``).
+        std: Per-channel divisor (the processor's ``image_std``).
+
+    Returns:
+        ``[batch, 3, size, size]`` float32 pixel values.
+    """
     out = []
     for image in images:
         x = torch.from_numpy(np.ascontiguousarray(image.pixels)).permute(2, 0, 1)[None]

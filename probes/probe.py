@@ -135,6 +135,11 @@ class TaskProbe(ClassifierMixin, BaseEstimator):
 
         Returns:
             ``self``.
+
+        Raises:
+            ValueError: A bad parameter (``balance``, ``solver``, ``C``, ``max_iter``, ``tol``),
+                fewer than 2 rows or 2 classes, or bad sample weights (scikit-learn's
+                convention).
         """
         self._check_params()
         X, y = validate_data(self, _as_numpy(X), y, dtype=[np.float64, np.float32],
@@ -186,31 +191,66 @@ class TaskProbe(ClassifierMixin, BaseEstimator):
         return rows, weights[rows]
 
     def class_logits(self, X: Float[np.ndarray, "n d"]) -> Float[np.ndarray, "n c"]:
-        """One logit per class ``[n, n_classes]`` of raw (unscaled) rows, also for two."""
+        """One logit per class ``[n, n_classes]`` of raw (unscaled) rows, also for two.
+
+        Args:
+            X: Raw rows ``[n, n_features]`` (numpy or torch), as given to :meth:`fit`.
+
+        Returns:
+            ``[n, n_classes]`` logits, columns in ``classes_`` order.
+        """
         check_is_fitted(self, "coef_")
         X = validate_data(self, _as_numpy(X), reset=False, dtype=[np.float64, np.float32])
         return ((X - self.mean_) / self.scale_) @ self.coef_.T + self.intercept_
 
     def decision_function(self, X: Float[np.ndarray, "n d"]) -> np.ndarray:
         """scikit-learn's convention: :meth:`class_logits` ``[n, n_classes]``, or for two
-        classes one score ``[n]`` that is positive where ``classes_[1]`` is predicted."""
+        classes one score ``[n]`` that is positive where ``classes_[1]`` is predicted.
+
+        Args:
+            X: Raw rows ``[n, n_features]``.
+
+        Returns:
+            ``[n, n_classes]`` logits, or ``[n]`` scores for two classes.
+        """
         logits = self.class_logits(X)
         if logits.shape[1] == 2:
             return logits[:, 1] - logits[:, 0]
         return logits
 
     def predict_proba(self, X: Float[np.ndarray, "n d"]) -> Float[np.ndarray, "n c"]:
-        """Class probabilities ``[n, n_classes]`` (columns in ``classes_`` order) of raw rows."""
+        """Class probabilities ``[n, n_classes]`` (columns in ``classes_`` order) of raw rows.
+
+        Args:
+            X: Raw rows ``[n, n_features]``.
+
+        Returns:
+            ``[n, n_classes]`` probabilities; each row sums to 1.
+        """
         return np.exp(self.predict_log_proba(X))
 
     def predict_log_proba(self, X: Float[np.ndarray, "n d"]) -> Float[np.ndarray, "n c"]:
-        """Log of :meth:`predict_proba` (a log-softmax of :meth:`class_logits`)."""
+        """Log of :meth:`predict_proba` (a log-softmax of :meth:`class_logits`).
+
+        Args:
+            X: Raw rows ``[n, n_features]``.
+
+        Returns:
+            ``[n, n_classes]`` log-probabilities.
+        """
         logits = self.class_logits(X)
         shifted = logits - logits.max(axis=1, keepdims=True)
         return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
 
     def predict(self, X: Float[np.ndarray, "n d"]) -> np.ndarray:
-        """The most probable class of each row."""
+        """The most probable class of each row.
+
+        Args:
+            X: Raw rows ``[n, n_features]``.
+
+        Returns:
+            ``[n]`` labels taken from ``classes_``.
+        """
         logits = self.class_logits(X)
         return self.classes_[np.argmax(logits, axis=1)]
 
@@ -219,6 +259,9 @@ class TaskProbe(ClassifierMixin, BaseEstimator):
 
         ``W = coef_ / scale_`` is each class's direction in residual space (for steering and
         patching), ``b = intercept_ - W @ mean_``.
+
+        Returns:
+            ``(W, b)``: ``W`` ``[n_classes, n_features]`` and ``b`` ``[n_classes]``.
 
         Example:
             >>> rng = np.random.default_rng(1)
@@ -255,13 +298,37 @@ class TaskProbe(ClassifierMixin, BaseEstimator):
         return directions, [int(c) for c in self.classes_]
 
     def save(self, path: str | os.PathLike[str], meta: ProbeMeta | dict[str, Any]) -> Path:
-        """Write ``path`` (``.safetensors``) and its ``.json`` (see :func:`save_probe`)."""
+        """Write ``path`` (``.safetensors``) and its ``.json`` (see :func:`save_probe`).
+
+        Args:
+            path: The ``.safetensors`` file; the JSON goes next to it.
+            meta: A :class:`ProbeMeta` (or its fields as a dict).
+
+        Returns:
+            The safetensors path.
+
+        Raises:
+            ProbeError: Non-integer classes, a ``d_model`` that differs from the input width, or
+                a path not ending in ``.safetensors``.
+        """
         return save_probe(self, path, meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], model: str | None = None,
              d_model: int | None = None) -> TaskProbe:
-        """Read a probe written by :meth:`save` (see :func:`load_probe`)."""
+        """Read a probe written by :meth:`save` (see :func:`load_probe`).
+
+        Args:
+            path: The ``.safetensors`` file (or its ``.json``).
+            model: If given, the model spec the probe must have been trained on.
+            d_model: If given, the residual width it must take.
+
+        Returns:
+            A fitted :class:`TaskProbe`.
+
+        Raises:
+            ProbeError: Missing or corrupt files, or a probe for another model / width.
+        """
         return load_probe(path, model=model, d_model=d_model)
 
 
@@ -287,6 +354,13 @@ def _check_sample_weight(sample_weight: Any, n: int) -> Float[np.ndarray, " n"]:
 def truncation_rows(y_index: Int[np.ndarray, " n"], rng: np.random.RandomState
                     ) -> Int[np.ndarray, " m"]:
     """Rows of a class-balanced subset: every class cut to the smallest class's size.
+
+    Args:
+        y_index: Class index of every row ``[n]``.
+        rng: The random state that picks each class's subset.
+
+    Returns:
+        Sorted row indices ``[m]``, ``m = n_classes * smallest class size``.
 
     Example:
         >>> rows = truncation_rows(np.array([0, 0, 0, 1, 1, 2, 2, 2, 2]),
@@ -408,7 +482,11 @@ class ProbeMeta:
 
 
 def probe_versions() -> dict[str, str]:
-    """Versions of the libraries a saved probe depends on."""
+    """Versions of the libraries a saved probe depends on.
+
+    Returns:
+        ``{distribution: version}``; ``"not installed"`` for a missing one.
+    """
     out = {}
     for dist in ("topk-saturation", "numpy", "scipy", "scikit-learn", "safetensors", "torch"):
         try:
@@ -442,6 +520,10 @@ def save_probe(probe: TaskProbe, path: str | os.PathLike[str],
 
     Returns:
         The safetensors path.
+
+    Raises:
+        ProbeError: Non-integer classes, a ``d_model`` that differs from the input width, or
+            a path not ending in ``.safetensors``.
 
     Example:
         >>> import tempfile
@@ -559,6 +641,16 @@ def grouped_folds(groups: Int[np.ndarray, " n"], n_splits: int) -> list[Split]:
 
     GroupKFold is deterministic (it balances fold sizes), so no seed is involved.
 
+    Args:
+        groups: Group (window id) of every row ``[n]``.
+        n_splits: Number of folds (at least 2).
+
+    Returns:
+        ``n_splits`` ``(train, test)`` pairs of sorted row indices.
+
+    Raises:
+        ProbeError: ``n_splits < 2``, or fewer groups than folds.
+
     Example:
         >>> groups = np.array([0, 0, 1, 1, 2, 2])
         >>> sorted(groups[test].tolist() for _, test in grouped_folds(groups, n_splits=3))
@@ -583,6 +675,17 @@ def leaky_folds(n: int, n_splits: int, seed: int) -> list[Split]:
     position (and its neighbours) land in train and test alike. Reported beside, never
     instead of, the grouped score.
 
+    Args:
+        n: Number of rows.
+        n_splits: Number of folds (at least 2).
+        seed: Seed of the shuffle.
+
+    Returns:
+        ``n_splits`` ``(train, test)`` pairs of sorted row indices.
+
+    Raises:
+        ProbeError: ``n_splits < 2``.
+
     Example:
         >>> [len(test) for _, test in leaky_folds(10, 5, seed=0)]
         [2, 2, 2, 2, 2]
@@ -594,7 +697,15 @@ def leaky_folds(n: int, n_splits: int, seed: int) -> list[Split]:
 
 
 def assert_groups_disjoint(folds: Sequence[Split], groups: Int[np.ndarray, " n"]) -> None:
-    """Raise if any group has rows in both the train and the test part of a fold."""
+    """Raise if any group has rows in both the train and the test part of a fold.
+
+    Args:
+        folds: ``(train, test)`` pairs of row indices.
+        groups: Group of every row ``[n]``.
+
+    Raises:
+        AssertionError: A fold shares a group between its train and test parts.
+    """
     groups = np.asarray(groups)
     for i, (train, test) in enumerate(folds):
         shared = np.intersect1d(groups[train], groups[test])
@@ -604,6 +715,14 @@ def assert_groups_disjoint(folds: Sequence[Split], groups: Int[np.ndarray, " n"]
 
 def restrict_folds(folds: Sequence[Split], mask: Bool[np.ndarray, " n"]) -> list[Split]:
     """The same folds on a subset of rows (re-indexed into the subset), e.g. one layer.
+
+    Args:
+        folds: ``(train, test)`` pairs of row indices into all ``n`` rows.
+        mask: ``[n]`` True for the rows of the subset.
+
+    Returns:
+        The folds with only the subset's rows, as indices into the subset (a part may be
+        empty).
 
     Example:
         >>> folds = [(np.array([0, 1]), np.array([2, 3]))]
@@ -623,6 +742,12 @@ def layer_onehot(layers: Int[np.ndarray, " n"]) -> Float[np.ndarray, "n m"]:
     A one-hot code, not the index as a number, so that the control can learn any mapping
     from layer to task, not only a monotone one.
 
+    Args:
+        layers: Layer of every state ``[n]``.
+
+    Returns:
+        ``[n, m]`` float32 one-hot rows, ``m`` the number of distinct layers (ascending).
+
     Example:
         >>> layer_onehot(np.array([5, 7, 5])).tolist()
         [[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]
@@ -634,7 +759,15 @@ def layer_onehot(layers: Int[np.ndarray, " n"]) -> Float[np.ndarray, "n m"]:
 
 
 def shuffled_labels(y: Int[np.ndarray, " n"], rng: np.random.Generator) -> Int[np.ndarray, " n"]:
-    """A seeded permutation of the labels (over all states)."""
+    """A seeded permutation of the labels (over all states).
+
+    Args:
+        y: Labels ``[n]``.
+        rng: The generator that draws the permutation.
+
+    Returns:
+        ``[n]`` permuted labels.
+    """
     return rng.permutation(np.asarray(y))
 
 
@@ -646,6 +779,14 @@ def random_embeddings(
     It keeps each class's mean and spread but no structure within a class, so a probe on it
     measures how far apart the class means are relative to the spread, not a null: it can
     score high.
+
+    Args:
+        X: Features ``[n, d]``.
+        y: Labels ``[n]``.
+        rng: The generator of the Gaussian draws.
+
+    Returns:
+        ``[n, d]`` float32 random rows, each drawn from its class's per-feature normal.
 
     Example:
         >>> rng = np.random.default_rng(0)
@@ -708,6 +849,12 @@ class CVResult:
 def standard_error(values: Sequence[float] | np.ndarray) -> float:
     """Sample standard deviation over sqrt(n); 0 for fewer than two values.
 
+    Args:
+        values: The values (e.g. per-fold scores).
+
+    Returns:
+        ``std(values, ddof=1) / sqrt(n)``.
+
     Example:
         >>> round(standard_error([0.5, 0.7]), 3)
         0.1
@@ -735,6 +882,18 @@ def cross_validate(
 
     A class missing from a training part gets probability 0 on that fold's test part; a
     training part with a single class predicts that class; empty test parts are skipped.
+
+    Args:
+        estimator: An unfitted scikit-learn classifier (cloned per fold).
+        X: Features ``[n, d]``.
+        y: Labels ``[n]``.
+        folds: ``(train, test)`` pairs of row indices.
+        classes: All classes, sorted (the columns of ``proba``).
+        name: Name of the result (and of the progress bar).
+        progress: Show a progress bar over folds.
+
+    Returns:
+        A :class:`CVResult`.
 
     Example:
         >>> rng = np.random.default_rng(0)
@@ -785,6 +944,14 @@ def roc_auc_per_class(y: Int[np.ndarray, " n"], proba: Float[np.ndarray, "n c"],
     """One-vs-rest ROC-AUC of each class from pooled out-of-fold probabilities, and their
     mean (``macro``); None for a class absent from ``y`` (or the only one present).
 
+    Args:
+        y: Labels ``[n]``.
+        proba: Probabilities ``[n, n_classes]``, columns in ``classes`` order.
+        classes: The classes.
+
+    Returns:
+        ``{str(class): auc, ..., "macro": mean}``, values rounded to 4 digits.
+
     Example:
         >>> roc_auc_per_class(np.array([1, 2, 1, 2]),
         ...                   np.array([[.9, .1], [.2, .8], [.6, .4], [.3, .7]]), [1, 2])
@@ -807,6 +974,15 @@ def per_layer_accuracy(layers: Int[np.ndarray, " n"], y: Int[np.ndarray, " n"],
                        ) -> dict[str, float | None]:
     """Accuracy (plain, or balanced over the tasks present) among each layer's states.
 
+    Args:
+        layers: Layer of every state ``[n]``.
+        y: True labels ``[n]``.
+        pred: Predicted labels ``[n]``.
+        balanced: Balanced accuracy instead of plain accuracy.
+
+    Returns:
+        ``{str(layer): accuracy}`` (rounded to 4 digits), layers ascending.
+
     Example:
         >>> layers, y = np.array([5, 5, 5, 6]), np.array([1, 1, 2, 2])
         >>> per_layer_accuracy(layers, y, np.array([1, 1, 1, 2]))
@@ -824,7 +1000,16 @@ def per_layer_accuracy(layers: Int[np.ndarray, " n"], y: Int[np.ndarray, " n"],
 
 
 def cv_summary(cv: CVResult, layers: Int[np.ndarray, " n"] | None = None) -> dict[str, Any]:
-    """The JSON-ready numbers of one :class:`CVResult`."""
+    """The JSON-ready numbers of one :class:`CVResult`.
+
+    Args:
+        cv: The cross-validation result.
+        layers: Layer of every state ``[n]``; adds the per-layer accuracies when given.
+
+    Returns:
+        Balanced accuracy and its s.e., per-fold scores, the number of unconverged fits, the
+        seconds, and optionally ``per_layer_accuracy`` / ``per_layer_balanced_accuracy``.
+    """
     scored = cv.pred >= 0
     out: dict[str, Any] = {
         "balanced_accuracy": _round(cv.balanced_accuracy),
@@ -842,7 +1027,15 @@ def cv_summary(cv: CVResult, layers: Int[np.ndarray, " n"] | None = None) -> dic
 
 
 def classification_report(cv: CVResult) -> dict[str, Any]:
-    """Per-task accuracy (recall), ROC-AUC and the confusion matrix of pooled OOF output."""
+    """Per-task accuracy (recall), ROC-AUC and the confusion matrix of pooled OOF output.
+
+    Args:
+        cv: The cross-validation result (rows with no out-of-fold prediction are left out).
+
+    Returns:
+        ``per_task_accuracy``, ``roc_auc`` (see :func:`roc_auc_per_class`) and
+        ``confusion_matrix`` (``labels``, ``counts`` with rows the true tasks).
+    """
     scored = cv.pred >= 0
     y, pred, proba = cv.y[scored], cv.pred[scored], cv.proba[scored]
     matrix = confusion_matrix(y, pred, labels=cv.classes)
@@ -868,6 +1061,16 @@ def compare_to_layer_only(
     accuracy) exceeds twice its standard error over folds. The same per layer, on each
     fold's test states of that layer: there the layer-only classifier is a constant, so a
     positive margin means the probe tells tasks apart *within* a layer.
+
+    Args:
+        probe: The probe's cross-validation result.
+        layer_only: The layer-only control's, on the same folds.
+        layers: Layer of every state ``[n]``.
+        folds: The folds both were scored on.
+
+    Returns:
+        ``reads_task``, ``margin``, ``margin_se``, the ``rule``, ``per_layer`` (``margin``,
+        ``se``, ``reads_task`` per layer) and ``layers_read``.
     """
     diffs = probe.fold_scores - layer_only.fold_scores
     margin, se = float(np.mean(diffs)), standard_error(diffs)
@@ -906,6 +1109,21 @@ def run_controls(
     Returns ``probe`` (grouped folds), ``layer_only``, ``shuffled``, ``random_embeddings``
     (grouped folds) and ``leaky_kfold`` (the probe on the paper's plain KFold). Every
     random draw comes from ``seed``.
+
+    Args:
+        estimator: An unfitted classifier (a :class:`TaskProbe`).
+        X: Features ``[n, d]``.
+        y: Labels ``[n]``.
+        layers: Layer of every state ``[n]`` (the layer-only control's input).
+        folds: Grouped folds.
+        leaky: The plain KFold folds of the leaky control.
+        classes: All classes, sorted.
+        seed: Seed of the shuffled labels and the random embeddings.
+        progress: Show progress bars over folds.
+        on_step: Called with each name before its cross-validation starts.
+
+    Returns:
+        ``{name: CVResult}`` for the five names above, in that order.
     """
     streams = np.random.SeedSequence(seed).spawn(2)
     jobs: list[tuple[str, Callable[[], CVResult]]] = [

@@ -119,7 +119,12 @@ class ProbeOptions:
     solver: str = "whitened-lbfgs"
 
     def validate(self) -> None:
-        """Refuse bad options before anything is read or computed."""
+        """Refuse bad options before anything is read or computed.
+
+        Raises:
+            InvalidOptionError: An unknown rule, ``features``, ``balance`` or ``solver``;
+                ``folds < 2``, ``C <= 0``, ``max_iter < 1``, ``top_k < 2`` or ``seed < 0``.
+        """
         check_rule(self.label_rule)
         if not isinstance(self.folds, int) or self.folds < 2:
             raise InvalidOptionError(f"--folds must be at least 2, got {self.folds}")
@@ -142,7 +147,12 @@ class ProbeOptions:
             raise InvalidOptionError(f"--seed must be >= 0, got {self.seed}")
 
     def estimator(self) -> TaskProbe:
-        """The probe these options describe (unfitted)."""
+        """The probe these options describe (unfitted).
+
+        Returns:
+            A :class:`~probes.probe.TaskProbe` with ``C``, ``max_iter``, ``balance``, ``solver``
+            and ``random_state=seed``.
+        """
         return TaskProbe(C=self.C, max_iter=self.max_iter, balance=self.balance,
                          solver=self.solver, random_state=self.seed)
 
@@ -187,7 +197,13 @@ class ProbeRunResult:
         }
 
     def key_numbers(self) -> list[tuple[str, Any]]:
-        """The headline numbers as (label, value) rows."""
+        """The headline numbers as (label, value) rows.
+
+        Returns:
+            ``(label, value)`` pairs: model, labels, states, states per task, features, the CV
+            scheme, chance, the probe's and each control's balanced accuracy, whether it reads
+            the task, the layers where it does, and what each label rule keeps.
+        """
         m = self.metrics
         rows: list[tuple[str, Any]] = [
             ("model", f"{m['model']} (L = {m['n_layers']}, d_model = {m['d_model']})"),
@@ -217,7 +233,11 @@ class ProbeRunResult:
         return rows
 
     def report_html(self) -> str:
-        """The self-contained HTML report."""
+        """The self-contained HTML report.
+
+        Returns:
+            An HTML document with the key numbers and the four figures.
+        """
         figs = self.figures
         sections: list[tuple[str, Any]] = [
             ("Key numbers", plots.summary_table_html(self.key_numbers())),
@@ -231,7 +251,19 @@ class ProbeRunResult:
 
     @classmethod
     def load(cls, run_dir: str | Path) -> ProbeRunResult:
-        """Read ``DIR/probe`` back (metrics and the final probes; no CV arrays)."""
+        """Read ``DIR/probe`` back (metrics and the final probes; no CV arrays).
+
+        Args:
+            run_dir: The run folder (its ``probe/`` subfolder is read).
+
+        Returns:
+            A :class:`ProbeRunResult` with ``metrics``, ``probe``, ``layer_probes`` and
+            ``out_dir``; states, CV results and features are not stored and stay empty.
+
+        Raises:
+            RunFolderError: ``probe/metrics.json`` is missing or broken.
+            ProbeError: A probe file is missing, corrupt or for another model.
+        """
         folder = Path(run_dir) / PROBE_DIR
         metrics = read_json(folder / "metrics.json")
         probe = TaskProbe.load(folder / "probe.safetensors", model=metrics["model"],
@@ -257,6 +289,12 @@ def _round(value: Any, digits: int = 4) -> float | None:
 
 def layer_ranges(layers: list[int]) -> str:
     """Layers as compact ranges.
+
+    Args:
+        layers: Layer indices, in any order.
+
+    Returns:
+        Runs of consecutive layers as ``a-b``, joined by ``", "``; ``"none"`` when empty.
 
     Example:
         >>> layer_ranges([5, 6, 7, 9, 12, 13]), layer_ranges([])
@@ -404,7 +442,20 @@ def _features_from_model(run: _Run, states: TaskStates, model: LoadedModel, prog
 
 def normalize_features(model: LoadedModel, X: Float[np.ndarray, "m d"], chunk: int = 8192
                        ) -> Float[np.ndarray, "m d"]:
-    """Residual rows after the model's own final norm (the ``normed`` features)."""
+    """Residual rows after the model's own final norm (the ``normed`` features).
+
+    Args:
+        model: The run's model (its final norm is applied).
+        X: Raw residual rows ``[m, d_model]``.
+        chunk: Rows normalised at a time (bounds memory).
+
+    Returns:
+        ``[m, d_model]`` float32 normed rows.
+
+    Raises:
+        UnsupportedArchitectureError: The model has no unembedding (or is an
+            encoder-decoder) to read its final norm from.
+    """
     lens = LogitLens(model.bridge)
     out = np.empty_like(X, dtype=np.float32)
     for start in range(0, len(X), chunk):
@@ -693,7 +744,15 @@ def _write(run_dir: Path, result: ProbeRunResult, meta: ProbeMeta) -> Path:
 
 
 def format_probe(result: ProbeRunResult) -> str:
-    """The short stdout report of a probe run."""
+    """The short stdout report of a probe run.
+
+    Args:
+        result: A finished (or loaded) probe run.
+
+    Returns:
+        Multi-line text: states, balanced accuracies of the probe and controls, whether it
+        reads the task, label-rule counts, timings and the files written.
+    """
     m = result.metrics
     lines = [f"topk-saturation probe: {m['model']} ({m['run']})",
              f"  {m['label_rule']} labels, layers {m['min_layer']}..{m['n_layers'] - 1}, "

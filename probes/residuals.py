@@ -35,7 +35,14 @@ from probes.corpus import Window
 
 
 def resid_hook_name(layer: int) -> str:
-    """The hook point of the residual stream after block ``layer`` (0-based)."""
+    """The hook point of the residual stream after block ``layer`` (0-based).
+
+    Args:
+        layer: 0-based block index.
+
+    Returns:
+        ``"blocks.{layer}.hook_resid_post"``.
+    """
     return f"blocks.{layer}.hook_resid_post"
 
 
@@ -56,7 +63,11 @@ class Batch:
     lengths: list[int]
 
     def valid_mask(self) -> torch.Tensor:
-        """``[batch, seq]`` True at text-token positions (not BOS, not padding)."""
+        """``[batch, seq]`` True at text-token positions (not BOS, not padding).
+
+        Returns:
+            A boolean tensor shaped like :attr:`tokens`.
+        """
         seq = self.tokens.shape[1]
         idx = torch.arange(seq).unsqueeze(0)
         lengths = torch.tensor(self.lengths).unsqueeze(1)
@@ -80,6 +91,9 @@ def iter_batches(
         batch_tokens: Bound on batch size x padded length (a memory bound); a window longer
             than this still forms a batch of one.
         pad_token_id: Filler after short windows (never read back).
+
+    Yields:
+        :class:`Batch` objects, windows in their given order.
     """
     offset = 0 if bos_token_id is None else 1
     group: list[Window] = []
@@ -123,6 +137,9 @@ def run_residuals(
 
     Returns:
         ``(logits, resid)`` with ``resid[i]`` the output of block ``layers[i]``.
+
+    Raises:
+        RuntimeError: A requested hook point did not fire during the forward pass.
     """
     n_layers = int(bridge.cfg.n_layers)
     layers = list(range(n_layers)) if layers is None else list(layers)
@@ -188,6 +205,13 @@ def save_residual_shard(
 
     The file holds ``resid`` ``[layer, n, d_model]`` and the ``window`` / ``position`` of each
     row, so that shards can be read back in any order.
+
+    Args:
+        path: The ``.safetensors`` file to write (written under ``<path>.tmp``, then renamed).
+        resid: Residual streams ``[layer, n, d_model]`` of the batch's text positions.
+        window_ids: Window id of each of the ``n`` rows.
+        positions: Position of each row within its window (0-based).
+        dtype: Storage dtype of ``resid`` (float32 by default; bfloat16 halves the file).
     """
     tensors = {
         "resid": resid.detach().to("cpu", dtype).contiguous(),
@@ -211,6 +235,9 @@ def load_residuals(
     Returns:
         ``(resid, index)``: residuals ``[len(layers), n, d_model]`` as float32 and the
         ``(window, position)`` of each row, sorted by window then position.
+
+    Raises:
+        FileNotFoundError: The run folder has no ``residuals/shard_*.safetensors``.
     """
     folder = Path(run_dir) / RESIDUAL_DIR
     shards = sorted(folder.glob("shard_*.safetensors"))

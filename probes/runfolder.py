@@ -46,7 +46,12 @@ _FILE_MODE = 0o666 & ~_umask()
 
 
 def write_text(path: Path, text: str) -> None:
-    """Write a file under a temporary name, then rename it: readers never see half of it."""
+    """Write a file under a temporary name, then rename it: readers never see half of it.
+
+    Args:
+        path: The file to write; its folder must exist.
+        text: The whole content, written as UTF-8.
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -61,12 +66,28 @@ def write_text(path: Path, text: str) -> None:
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (see :func:`write_text`)."""
+    """Write JSON atomically (see :func:`write_text`).
+
+    Args:
+        path: The file to write; its folder must exist.
+        data: A JSON-serialisable value, written with 2-space indents; NaN and infinities
+            are refused (``ValueError``) rather than written as invalid JSON.
+    """
     write_text(path, json.dumps(data, indent=2, sort_keys=False, allow_nan=False) + "\n")
 
 
 def read_json(path: Path) -> Any:
-    """Read a JSON file, with a clear error where it is missing or broken."""
+    """Read a JSON file, with a clear error where it is missing or broken.
+
+    Args:
+        path: The JSON file.
+
+    Returns:
+        The decoded value.
+
+    Raises:
+        RunFolderError: The file does not exist or is not valid JSON.
+    """
     path = Path(path)
     if not path.exists():
         raise RunFolderError(f"{path} does not exist")
@@ -77,7 +98,14 @@ def read_json(path: Path) -> Any:
 
 
 def is_run_folder(path: Path) -> bool:
-    """Whether ``path`` is a finished topk-saturation run folder."""
+    """Whether ``path`` is a finished topk-saturation run folder.
+
+    Args:
+        path: A folder (it need not exist).
+
+    Returns:
+        True when ``path/summary.json`` exists and says ``"tool": "topk-saturation"``.
+    """
     summary = Path(path) / "summary.json"
     if not summary.is_file():
         return False
@@ -92,6 +120,13 @@ def check_output_target(path: Path) -> None:
 
     An existing run folder may be replaced; an empty folder may be filled; anything else is
     refused, so that a mistyped ``--out`` can never delete a user's files.
+
+    Args:
+        path: The intended output folder (it need not exist yet).
+
+    Raises:
+        RunFolderError: ``path`` is a file, a non-empty folder that is not a run folder, or
+            its nearest existing parent is not writable.
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
@@ -110,7 +145,14 @@ def check_output_target(path: Path) -> None:
 
 
 def staging_path(final: Path) -> Path:
-    """The staging folder of ``final``."""
+    """The staging folder of ``final``.
+
+    Args:
+        final: The finished folder.
+
+    Returns:
+        ``<parent>/.<name>.partial``, next to ``final``.
+    """
     final = Path(final)
     return final.parent / f".{final.name}.partial"
 
@@ -137,6 +179,9 @@ def staged_folder(final: Path, keep_on_error: bool = False, fresh: bool = True
 
     Yields:
         The staging folder to write into.
+
+    Raises:
+        RunFolderError: The staging folder cannot be created.
     """
     final = Path(final)
     stage = staging_path(final)
@@ -158,7 +203,19 @@ def staged_folder(final: Path, keep_on_error: bool = False, fresh: bool = True
 
 def require_run(run_dir: Path, needs: tuple[str, ...] = ("summary.json", "saturation.csv",
                                                          "windows.json")) -> dict[str, Any]:
-    """Check that ``run_dir`` is a complete analysis run and return its summary."""
+    """Check that ``run_dir`` is a complete analysis run and return its summary.
+
+    Args:
+        run_dir: The run folder.
+        needs: Files that must exist in it.
+
+    Returns:
+        The decoded ``summary.json``.
+
+    Raises:
+        RunFolderError: The folder does not exist, is not a run folder, or lacks one of
+            ``needs``.
+    """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RunFolderError(

@@ -63,7 +63,15 @@ def saturation_from_matches(matches: Bool[np.ndarray, "layer ..."]) -> np.ndarra
 def targets_from_logits(
     logits: Float[Tensor, "n d_vocab"], k: int
 ) -> Int[Tensor, "n k"]:
-    """``y_1..y_K``: the top-K token ids of the final logits, in order."""
+    """``y_1..y_K``: the top-K token ids of the final logits, in order.
+
+    Args:
+        logits: Final-layer logits ``[n, d_vocab]`` (any float dtype; compared in float32).
+        k: K, how many targets per row.
+
+    Returns:
+        ``[n, K]`` token ids, largest logit first.
+    """
     return torch.topk(logits.float(), k, dim=-1).indices
 
 
@@ -111,6 +119,14 @@ def brute_force_saturation(
 
     Slow and memory-hungry by design (it is the straightforward recipe); for tests and the
     benchmark only.
+
+    Args:
+        lens: The model's logit lens.
+        resid: Residual stream after every block ``[L, n, d_model]``.
+        targets: ``y_1..y_K`` per row ``[n, K]``.
+
+    Returns:
+        ``s`` as int64 ``[n, K]``, 0-based layers (as :func:`saturation_from_matches`).
     """
     n_layers = resid.shape[0]
     k = targets.shape[1]

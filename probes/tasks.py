@@ -62,7 +62,17 @@ NO_TASK = 0
 
 
 def check_rule(rule: str) -> str:
-    """Refuse an unknown label rule."""
+    """Refuse an unknown label rule.
+
+    Args:
+        rule: A label rule name.
+
+    Returns:
+        ``rule`` unchanged, when it is one of :data:`LABEL_RULES`.
+
+    Raises:
+        InvalidOptionError: ``rule`` is not ``in-order`` or ``count``.
+    """
     if rule not in LABEL_RULES:
         raise InvalidOptionError(
             f"unknown label rule {rule!r}; choose one of {', '.join(LABEL_RULES)}")
@@ -79,6 +89,10 @@ def resolve_min_layer(min_layer: int | float, n_layers: int) -> int:
 
     Returns:
         The 0-based first layer.
+
+    Raises:
+        InvalidOptionError: ``min_layer`` is not a number, is a float outside (0, 1), or
+            gives a layer outside ``0..L-1``.
 
     Example:
         >>> resolve_min_layer(5, 30), resolve_min_layer(0.2, 30)
@@ -108,6 +122,9 @@ def in_order_mask(s: Int[np.ndarray, "n k"], n_layers: int | None = None
         s: Saturation layers ``[n, K]``.
         n_layers: L. When given, ranks that settle only at the output layer ``L-1`` are not
             compared with each other (see the module docstring); None compares all K.
+
+    Returns:
+        ``[n]`` booleans (all True when K < 2).
 
     Example:
         >>> s = np.array([[1, 2, 3], [1, 1, 3], [3, 2, 4], [1, 4, 4]])
@@ -187,12 +204,21 @@ class TaskStates:
         return len(np.unique(self.row))
 
     def task_counts(self) -> dict[int, int]:
-        """States per task, for every task 1..K (0 where a task has none)."""
+        """States per task, for every task 1..K (0 where a task has none).
+
+        Returns:
+            ``{task: number of states}`` for tasks 1..K.
+        """
         counts = np.bincount(self.task, minlength=self.top_k + 1)
         return {t: int(counts[t]) for t in range(1, self.top_k + 1)}
 
     def describe(self) -> dict[str, Any]:
-        """Counts for a report: states, positions, windows and states per task."""
+        """Counts for a report: states, positions, windows and states per task.
+
+        Returns:
+            A JSON-ready dict with ``rule``, ``n_states``, ``n_positions``, ``n_windows`` and
+            ``task_counts`` (keys are the tasks as strings).
+        """
         return {"rule": self.rule, "n_states": len(self), "n_positions": self.n_positions,
                 "n_windows": len(np.unique(self.group)),
                 "task_counts": {str(t): c for t, c in self.task_counts().items()}}
@@ -236,6 +262,15 @@ def rule_counts(
     min_layer: int | float = DEFAULT_MIN_LAYER,
 ) -> dict[str, dict[str, Any]]:
     """What each label rule keeps on the same positions (reported beside the chosen one).
+
+    Args:
+        s: Saturation layers ``[n, K]`` (0-based), one row per position.
+        windows: Window id of each position ``[n]``.
+        n_layers: L.
+        min_layer: First layer (``int``) or fraction of L (``float`` in (0, 1)).
+
+    Returns:
+        ``{rule: TaskStates.describe()}`` for every rule in :data:`LABEL_RULES`.
 
     Example:
         >>> counts = rule_counts(np.array([[1, 2], [2, 2]]), np.array([0, 1]), 4, 1)
