@@ -298,18 +298,14 @@ class TaskProbe(ClassifierMixin, BaseEstimator):
         return directions, [int(c) for c in self.classes_]
 
     def save(self, path: str | os.PathLike[str], meta: ProbeMeta | dict[str, Any]) -> Path:
-        """Write ``path`` (``.safetensors``) and its ``.json`` (see :func:`save_probe`).
+        """Write ``path`` (``.safetensors``) and its ``.json``: :func:`save_probe` on ``self``.
 
         Args:
             path: The ``.safetensors`` file; the JSON goes next to it.
             meta: A :class:`ProbeMeta` (or its fields as a dict).
 
         Returns:
-            The safetensors path.
-
-        Raises:
-            ProbeError: Non-integer classes, a ``d_model`` that differs from the input width, or
-                a path not ending in ``.safetensors``.
+            The safetensors path (errors as :func:`save_probe`).
         """
         return save_probe(self, path, meta)
 

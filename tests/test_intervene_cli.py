@@ -106,3 +106,21 @@ def test_missing_run_and_other_model(tmp_path, tiny_run, tiny_gpt2, capsys, monk
     monkeypatch.setattr(iv, "load_model", lambda spec: tiny_gpt2)
     code, _, err = _run(["intervene", "--run", str(tiny_run), "--quiet"], capsys)
     assert code == 2 and "the run was made with model" in err
+
+
+def test_direction_from_the_runs_probe(tiny_run, tiny_llama, capsys, monkeypatch):
+    """``--source probe`` steers along the trained probe's task k -> k+1 weight difference."""
+    import interventions.intervene as iv
+    from probes.probe_run import run_probe
+
+    run_probe(tiny_run, label_rule="count", min_layer=1, folds=2, model=tiny_llama,
+              progress=False)
+    monkeypatch.setattr(iv, "load_model", lambda spec: tiny_llama)
+    code, _, err = _run(["intervene", "--run", str(tiny_run), "--source", "probe",
+                         "--alphas", "0,1", "--random", "2", "--max-positions", "8",
+                         "--min-layer", "1", "--quiet"], capsys)
+    assert code == 0, err
+    data = json.loads((tiny_run / "interventions" / "direction.json").read_text())
+    (block,) = data["layers"].values()
+    assert block["source"] == "probe"
+    assert block["per_alpha"][0]["switch_rate"] == 0.0
