@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from probes.errors import InvalidOptionError, ProbeError
+from probes.runfolder import FILE_MODE as _FILE_MODE
 
 
 @dataclass
@@ -85,8 +87,9 @@ class TaskDirection:
             path: The path without suffix (any suffix is replaced); its folder must exist.
         """
         path = Path(path)
-        save_file({"vector": self.vector.detach().cpu().float().contiguous()},
-                  str(path.with_suffix(".safetensors")))
+        tensors = path.with_suffix(".safetensors")
+        save_file({"vector": self.vector.detach().cpu().float().contiguous()}, str(tensors))
+        os.chmod(tensors, _FILE_MODE)  # safetensors creates files readable by their owner only
         meta = {k: v for k, v in asdict(self).items() if k != "vector"}
         path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
 

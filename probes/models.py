@@ -33,6 +33,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import difflib
 import functools
 import importlib.util
 import io
@@ -41,6 +42,8 @@ import logging
 import os
 import re
 import shutil
+import socket
+import urllib.parse
 import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -534,20 +537,60 @@ def _first_line(err: BaseException) -> str:
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
 
+def _did_you_mean(spec: str) -> str:
+    """`` (did you mean 'x'?)`` for a near miss of a built-in name, else ``""``."""
+    close = difflib.get_close_matches(spec, builtin_models(), n=1, cutoff=0.75)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _in_hub_cache(spec: str) -> bool:
+    """Whether the local Hugging Face cache holds the model's config."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(spec, "config.json"), str)
+    except Exception:  # a malformed repo id is simply not cached
+        return False
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One TCP connection to the hub's endpoint: cheap, where the hub client would retry."""
+    from huggingface_hub import constants
+
+    url = urllib.parse.urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname or "", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _check_hub_name(spec: str) -> None:
+    """Fail at once, in one line, for a hub name that can be neither fetched nor found cached."""
+    if _in_hub_cache(spec):
+        return
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    if offline or not _hub_reachable():
+        where = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face hub is unreachable"
+        raise ModelLoadError(
+            f"could not load {spec!r}{_did_you_mean(spec)}: it is not a built-in model "
+            f"({', '.join(builtin_models())}) nor a local path, {where}, and the local "
+            "Hugging Face cache does not hold it")
+
+
 def _load_hub(spec: str, device: str, dtype: torch.dtype) -> LoadedModel:
     from transformer_lens.model_bridge import TransformerBridge
 
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    _check_hub_name(spec)
     try:
         with _quiet_loading():
             bridge = TransformerBridge.boot_transformers(spec, device=device, dtype=dtype)
     except Exception as err:
-        where = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face hub is unreachable"
         raise ModelLoadError(
-            f"could not load {spec!r}: it is not a built-in model "
+            f"could not load {spec!r}{_did_you_mean(spec)}: it is not a built-in model "
             f"({', '.join(builtin_models())}) nor a local path, and as a hub name it failed "
-            f"({where} or the name does not exist, and it is not in the local cache): "
-            f"{_first_line(err)}"
+            f"(the name may not exist, or the bridge cannot read it): {_first_line(err)}"
         ) from err
     bridge.eval()
     for param in bridge.parameters():

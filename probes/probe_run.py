@@ -370,7 +370,12 @@ def _check_states(states: TaskStates, folds: int) -> None:
     n_windows = len(np.unique(states.group))
     if short or n_windows < folds:
         have = ", ".join(f"task {t} has {c}" for t, c in counts.items())
-        hint = " (try --label-rule count)" if states.rule == "in-order" else ""
+        hints = []
+        if n_windows < folds:
+            hints.append("analyze more tokens, use a smaller --window, or fewer --folds")
+        if short and states.rule == "in-order":
+            hints.append("try --label-rule count")
+        hint = f" ({'; '.join(hints)})" if hints else ""
         raise ProbeError(
             f"too few labelled states for {folds}-fold probing with the {states.rule} rule: "
             f"{have} from {states.n_positions} positions in {n_windows} windows; each task "
@@ -540,9 +545,9 @@ def _label(run: _Run, opts: ProbeOptions) -> tuple[TaskStates, int]:
             error = error or err  # the message about the K that was wanted first
             continue
         if top_k < run_k and opts.top_k is None:
-            print(f"note: task {top_k + 1} and beyond have too few states for "
-                  f"{opts.folds}-fold probing; probing tasks 1..{top_k} (the first error: "
-                  f"{error})", file=sys.stderr)
+            print(f"note: probing tasks 1..{top_k} of the run's {run_k}: with all {run_k}, "
+                  f"{str(error).split(' (', 1)[0]}",
+                  file=sys.stderr)
         return states, top_k
     assert error is not None
     raise error

@@ -42,7 +42,8 @@ def _umask() -> int:
 
 
 # mkstemp creates files readable by their owner only; finished files get the usual mode.
-_FILE_MODE = 0o666 & ~_umask()
+FILE_MODE = 0o666 & ~_umask()
+_FILE_MODE = FILE_MODE
 
 
 def write_text(path: Path, text: str) -> None:

@@ -69,6 +69,22 @@ def test_hub_name_offline_fails_clearly():
         load_model("gpt2")
 
 
+def test_unreachable_hub_fails_at_once_and_suggests_a_builtin(monkeypatch):
+    import time
+
+    import probes.models as models
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(models, "_hub_reachable", lambda timeout=3.0: False)
+    t0 = time.perf_counter()
+    with pytest.raises(ModelLoadError, match=r"did you mean 'smollm2-135m'\?.*unreachable"):
+        load_model("smollm2-13m")
+    assert time.perf_counter() - t0 < 5  # no retries of the hub client
+    with pytest.raises(ModelLoadError) as info:
+        load_model("EleutherAI/pythia-160m")
+    assert "did you mean" not in str(info.value)
+
+
 def test_missing_model_package_names_pip_command(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
