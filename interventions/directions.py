@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from probes.errors import InvalidOptionError, ProbeError
-from probes.runfolder import FILE_MODE as _FILE_MODE
+from probes.runfolder import FILE_MODE
 
 
 @dataclass
@@ -89,7 +89,7 @@ class TaskDirection:
         path = Path(path)
         tensors = path.with_suffix(".safetensors")
         save_file({"vector": self.vector.detach().cpu().float().contiguous()}, str(tensors))
-        os.chmod(tensors, _FILE_MODE)  # safetensors creates files readable by their owner only
+        os.chmod(tensors, FILE_MODE)  # safetensors creates files readable by their owner only
         meta = {k: v for k, v in asdict(self).items() if k != "vector"}
         path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
 

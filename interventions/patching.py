@@ -332,10 +332,9 @@ def rank_trajectories(
     """
     lens = LogitLens(model.bridge)
     out = rerun(model.bridge, clean, [position], replace={layer: source_state[None]})
-    ids = torch.tensor([[token_id]])
-    before = [int(lens.ranks(clean.resid[i, position][None], ids)[0, 0])
-              for i in range(clean.resid.shape[0])]
-    after = [int(lens.ranks(out.resid[i, 0][None], ids)[0, 0])
-             for i in range(out.resid.shape[0])]
-    return pd.DataFrame({"layer": range(len(before)), "rank_before": before,
-                         "rank_after": after})
+    n_layers = clean.resid.shape[0]
+    ids = torch.full((n_layers, 1), token_id)
+    before = lens.ranks(clean.resid[:, position], ids)[:, 0]
+    after = lens.ranks(out.resid[:, 0], ids)[:, 0]
+    return pd.DataFrame({"layer": range(n_layers), "rank_before": before.tolist(),
+                         "rank_after": after.tolist()})

@@ -64,6 +64,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from tqdm.auto import tqdm
 
 from probes.errors import ProbeError
+from probes.runfolder import FILE_MODE
 
 BALANCE_MODES = ("weights", "truncate", "none")
 SOLVERS = ("whitened-lbfgs", "sklearn-lbfgs")
@@ -492,14 +493,6 @@ def probe_versions() -> dict[str, str]:
     return out
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_FILE_MODE = 0o666 & ~_umask()
-
 
 def _json_path(path: Path) -> Path:
     return path.with_suffix(".json")
@@ -550,7 +543,7 @@ def save_probe(probe: TaskProbe, path: str | os.PathLike[str],
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(tmp), metadata={"format": PROBE_FORMAT, "model": str(meta.model),
                                            "d_model": str(meta.d_model)})
-    os.chmod(tmp, _FILE_MODE)  # safetensors creates files readable by their owner only
+    os.chmod(tmp, FILE_MODE)  # safetensors creates files readable by their owner only
     digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
     info = {
         "format": PROBE_FORMAT,

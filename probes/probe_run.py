@@ -362,24 +362,29 @@ def _check_residuals(run: _Run, shape: tuple[int, int]) -> None:
             f"of width {d_model}: the folder mixes runs of different models")
 
 
-def _check_states(states: TaskStates, folds: int) -> None:
-    """Refuse to probe with too few states per task, saying how many there are and need."""
+def _shortfall(states: TaskStates, folds: int) -> tuple[str, list[str]] | None:
+    """What is too few for ``folds``-fold probing, and what would help; None when enough."""
     needed = max(MIN_STATES_PER_TASK, folds)
     counts = states.task_counts()
     short = {t: c for t, c in counts.items() if c < needed}
     n_windows = len(np.unique(states.group))
-    if short or n_windows < folds:
-        have = ", ".join(f"task {t} has {c}" for t, c in counts.items())
-        hints = []
-        if n_windows < folds:
-            hints.append("analyze more tokens, use a smaller --window, or fewer --folds")
-        if short and states.rule == "in-order":
-            hints.append("try --label-rule count")
-        hint = f" ({'; '.join(hints)})" if hints else ""
-        raise ProbeError(
-            f"too few labelled states for {folds}-fold probing with the {states.rule} rule: "
+    if not short and n_windows >= folds:
+        return None
+    have = ", ".join(f"task {t} has {c}" for t, c in counts.items())
+    hints = []
+    if n_windows < folds:
+        hints.append("analyze more tokens, use a smaller --window, or fewer --folds")
+    if short and states.rule == "in-order":
+        hints.append("try --label-rule count")
+    return (f"too few labelled states for {folds}-fold probing with the {states.rule} rule: "
             f"{have} from {states.n_positions} positions in {n_windows} windows; each task "
-            f"needs at least {needed} states and the states at least {folds} windows{hint}")
+            f"needs at least {needed} states and the states at least {folds} windows"), hints
+
+
+def _shortfall_error(shortfall: tuple[str, list[str]]) -> ProbeError:
+    """The refusal to probe: how many states there are and need, then what would help."""
+    text, hints = shortfall
+    return ProbeError(text + (f" ({'; '.join(hints)})" if hints else ""))
 
 
 # ---------------------------------------------------------------------------- features
@@ -534,23 +539,21 @@ def _label(run: _Run, opts: ProbeOptions) -> tuple[TaskStates, int]:
     n_layers = int(summary["n_layers"])
     first = resolve_min_layer(opts.min_layer, n_layers)
     candidates = [opts.top_k] if opts.top_k is not None else list(range(run_k, 1, -1))
-    error: ProbeError | None = None
+    first_shortfall: tuple[str, list[str]] | None = None  # about the K wanted first
     for top_k in candidates:
         s = run.table[[f"s_{k}" for k in range(1, top_k + 1)]].to_numpy()
         states = task_states(s, run.table["window"].to_numpy(), n_layers, opts.label_rule,
                              first)
-        try:
-            _check_states(states, opts.folds)
-        except ProbeError as err:
-            error = error or err  # the message about the K that was wanted first
+        shortfall = _shortfall(states, opts.folds)
+        if shortfall is not None:
+            first_shortfall = first_shortfall or shortfall
             continue
-        if top_k < run_k and opts.top_k is None:
+        if first_shortfall is not None:
             print(f"note: probing tasks 1..{top_k} of the run's {run_k}: with all {run_k}, "
-                  f"{str(error).split(' (', 1)[0]}",
-                  file=sys.stderr)
+                  f"{first_shortfall[0]}", file=sys.stderr)
         return states, top_k
-    assert error is not None
-    raise error
+    assert first_shortfall is not None
+    raise _shortfall_error(first_shortfall)
 
 
 def _features(

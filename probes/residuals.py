@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from probes.corpus import Window
-from probes.runfolder import FILE_MODE as _FILE_MODE
+from probes.runfolder import FILE_MODE
 
 
 def resid_hook_name(layer: int) -> str:
@@ -221,7 +221,7 @@ def save_residual_shard(
     }
     tmp = f"{os.fspath(path)}.tmp"
     save_file(tensors, tmp)
-    os.chmod(tmp, _FILE_MODE)  # safetensors creates files readable by their owner only
+    os.chmod(tmp, FILE_MODE)  # safetensors creates files readable by their owner only
     os.replace(tmp, path)
 
 

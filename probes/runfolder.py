@@ -43,7 +43,6 @@ def _umask() -> int:
 
 # mkstemp creates files readable by their owner only; finished files get the usual mode.
 FILE_MODE = 0o666 & ~_umask()
-_FILE_MODE = FILE_MODE
 
 
 def write_text(path: Path, text: str) -> None:
@@ -58,7 +57,7 @@ def write_text(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
-        os.chmod(tmp, _FILE_MODE)
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
